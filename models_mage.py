@@ -1,0 +1,332 @@
+"""MAGE: the masked generative encoder ViT over VQGAN tokens.
+
+Submodule names follow the reference implementation so that the released checkpoints
+(mage-vitb-1600.pth, mage-vitl-1600.pth) load strictly.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from taming.models.vqgan import build_vqgan, token_grid_size
+from util.pos_embed import get_2d_sincos_pos_embed
+
+NUM_UNUSED_CLASS_LABELS = 1000  # vocabulary slots that exist only so the released checkpoints load
+
+
+class MageAttention(nn.Module):
+    """Multi-head self-attention whose logits and softmax are computed in float32 even under autocast
+    (the reference does this; ViT-L pre-training diverges to NaN in fp16 otherwise).
+
+    `fused` selects torch's scaled_dot_product_attention; `fused=False` is the reference's explicit
+    float32 computation. Under fp16 the fused path runs on float32 inputs to keep that guarantee.
+    Accepts timm's attention keyword arguments so it plugs into timm's Block via `attn_layer`.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, **timm_kwargs):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused = True
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        # x: (B, N, C)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if self.fused:
+            out = self._fused(q, k, v)
+        else:
+            out = self._explicit(q, k, v)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def _fused(self, q, k, v):
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if q.dtype == torch.float16:
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p)
+            return out.to(v.dtype)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+    def _explicit(self, q, k, v):
+        with torch.autocast(q.device.type, enabled=False):
+            attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+            attn = attn - attn.amax(dim=-1, keepdim=True)
+            attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        if torch.is_autocast_enabled(q.device.type):
+            return attn @ v  # autocast casts to the autocast dtype, as the reference does
+        return attn.to(v.dtype) @ v
+
+
+def set_fused_attention(model, enabled):
+    """Switch every MageAttention in `model` between SDPA (True) and the reference's explicit path (False)."""
+    for module in model.modules():
+        if isinstance(module, MageAttention):
+            module.fused = enabled
+
+
+def mage_block(dim, num_heads, mlp_ratio, norm_layer, dropout=0.1, drop_path=0.0):
+    """Pre-norm transformer block (timm's Block) with MAGE's float32-softmax attention."""
+    return Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
+                 drop_path=drop_path, norm_layer=norm_layer, attn_layer=MageAttention)
+
+
+class BertEmbeddings(nn.Module):
+    """Token + learned position embeddings, LayerNorm, dropout (BERT-style)."""
+
+    def __init__(self, vocab_size, hidden_size, max_position_embeddings, dropout=0.1):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_position_embeddings).expand((1, -1)))
+        nn.init.normal_(self.word_embeddings.weight, std=0.02)
+        nn.init.normal_(self.position_embeddings.weight, std=0.02)
+
+    def forward(self, input_ids):
+        # input_ids: (B, L) -> (B, L, D)
+        position_embeddings = self.position_embeddings(self.position_ids[:, :input_ids.shape[1]])
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + position_embeddings))
+
+
+class MlmLayer(nn.Module):
+    """Projects decoder features back onto the (detached) token embedding matrix."""
+
+    def __init__(self, feat_emb_dim, word_emb_dim, vocab_size):
+        super().__init__()
+        self.fc = nn.Linear(feat_emb_dim, word_emb_dim)
+        self.gelu = nn.GELU()
+        self.ln = nn.LayerNorm(word_emb_dim)
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+
+    def forward(self, x, word_embeddings):
+        # x: (B, L, D_dec), word_embeddings: (vocab, D) -> logits (B, L, vocab)
+        hidden = self.ln(self.gelu(self.fc(x)))
+        return hidden @ word_embeddings.t() + self.bias
+
+
+class TruncatedNormal:
+    """Normal(mu, std) truncated to [low, high], sampled by inverting the CDF with torch's RNG."""
+
+    def __init__(self, low, high, mu, std):
+        self.mu, self.std = mu, std
+        self.cdf_low = 0.5 * math.erfc(-(low - mu) / std / math.sqrt(2))
+        self.cdf_high = 0.5 * math.erfc(-(high - mu) / std / math.sqrt(2))
+        self.low, self.high = low, high
+
+    def sample(self, n=1, generator=None):
+        u = torch.rand(n, dtype=torch.float64, generator=generator,
+                       device="cpu" if generator is None else generator.device).cpu()
+        u = self.cdf_low + u * (self.cdf_high - self.cdf_low)
+        return (self.mu + self.std * torch.special.ndtri(u)).clamp(self.low, self.high)
+
+    def mean(self):
+        a, b = (self.low - self.mu) / self.std, (self.high - self.mu) / self.std
+        pdf = lambda t: math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+        return self.mu + self.std * (pdf(a) - pdf(b)) / (self.cdf_high - self.cdf_low)
+
+
+class MaskedGenerativeEncoderViT(nn.Module):
+    def __init__(self, img_size=256, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False,
+                 mask_ratio_min=0.5, mask_ratio_max=1.0, mask_ratio_mu=0.55, mask_ratio_std=0.25,
+                 vqgan_config="config/vqgan.yaml", vqgan_ckpt_path=None, dropout=0.1, drop_path=0.0):
+        super().__init__()
+        if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
+            raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
+
+        # Tokenizer: frozen, always in eval mode.
+        self.vqgan, vqgan_settings = build_vqgan(vqgan_config, vqgan_ckpt_path)
+        self.grid_size = token_grid_size(vqgan_settings)
+        self.seq_len = self.grid_size ** 2
+        self.codebook_size = vqgan_settings["n_embed"]
+        vocab_size = self.codebook_size + NUM_UNUSED_CLASS_LABELS + 1
+        self.fake_class_label = self.codebook_size + 1100 - 1024
+        self.mask_token_label = vocab_size - 1
+        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=dropout)
+
+        self.mask_ratio_min = mask_ratio_min
+        self.mask_ratio_generator = TruncatedNormal(mask_ratio_min, mask_ratio_max, mask_ratio_mu, mask_ratio_std)
+
+        # Encoder. patch_embed, cls_token and pos_embed are unused by the forward pass but are part of the
+        # released checkpoints; they are kept so those load strictly.
+        self.patch_embed = PatchEmbed(self.grid_size * patch_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([mage_block(embed_dim, num_heads, mlp_ratio, norm_layer, dropout, drop_path)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder. mask_token, decoder_pos_embed and decoder_pred are likewise unused checkpoint entries.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([
+            mage_block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer, dropout, drop_path)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
+        self.criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, True)[None])
+        self.decoder_pos_embed.data.copy_(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, True)[None])
+        weight = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        for param in (self.cls_token, self.mask_token, self.decoder_pos_embed_learned):
+            nn.init.normal_(param, std=0.02)
+        for name, module in self.named_modules():
+            if name.startswith("vqgan") or name.startswith("token_emb"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vqgan.eval()
+        return self
+
+    @torch.no_grad()
+    def tokenize(self, imgs):
+        """imgs (B, 3, H, W) in [0, 1] -> token ids (B, seq_len), row-major over the grid."""
+        _, _, (_, _, indices) = self.vqgan.encode(imgs)
+        return indices.reshape(imgs.shape[0], -1).long()
+
+    def sample_masks(self, bsz, device, generator=None):
+        """One mask ratio per call, random positions per sample.
+
+        Returns float (token_drop_mask, token_all_mask), each (B, seq_len + 1) with the class column 0:
+        the ceil(L * mask_ratio_min) lowest-noise positions are dropped, the ceil(L * r) lowest are masked.
+        """
+        mask_rate = float(self.mask_ratio_generator.sample(1, generator=generator)[0])
+        num_dropped = math.ceil(self.seq_len * self.mask_ratio_min)
+        num_masked = math.ceil(self.seq_len * mask_rate)
+        noise_device = device if generator is None else generator.device
+        noise = torch.rand(bsz, self.seq_len, generator=generator, device=noise_device).to(device)
+        rank = noise.argsort(dim=1).argsort(dim=1)  # rank 0 = smallest noise; exact counts even with ties
+        class_column = torch.zeros(bsz, 1, device=device)
+        token_drop_mask = torch.cat([class_column, (rank < num_dropped).float()], dim=1)
+        token_all_mask = torch.cat([class_column, (rank < num_masked).float()], dim=1)
+        return token_drop_mask, token_all_mask
+
+    def with_class_token(self, token_ids):
+        """(B, L) token ids -> (B, L + 1) with the class id in front."""
+        class_ids = torch.full((token_ids.shape[0], 1), self.fake_class_label, dtype=torch.long,
+                               device=token_ids.device)
+        return torch.cat([class_ids, token_ids.long()], dim=1)
+
+    def encode_tokens(self, token_indices, token_drop_mask=None):
+        """token_indices (B, L+1) incl. class id and mask ids -> encoder output (B, kept, D)."""
+        x = self.token_emb(token_indices)  # (B, L+1, D)
+        if token_drop_mask is not None:
+            bsz, _, dim = x.shape
+            x = x[(1 - token_drop_mask).nonzero(as_tuple=True)].reshape(bsz, -1, dim)  # (B, kept, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_encoder(self, imgs, gt_indices=None, masks=None, generator=None):
+        """Returns (encoder output (B, kept, D), gt_indices (B, L), token_drop_mask, token_all_mask)."""
+        if gt_indices is None:
+            gt_indices = self.tokenize(imgs)
+        bsz = gt_indices.shape[0]
+        if masks is None:
+            masks = self.sample_masks(bsz, gt_indices.device, generator)
+        token_drop_mask, token_all_mask = masks
+        token_indices = self.with_class_token(gt_indices)
+        token_indices = token_indices.masked_fill(token_all_mask.bool(), self.mask_token_label)
+        x = self.encode_tokens(token_indices, token_drop_mask)
+        return x, gt_indices, token_drop_mask, token_all_mask
+
+    def forward_decoder(self, x, token_drop_mask, token_all_mask):
+        # x: (B, kept, D); masks: (B, L+1) -> logits (B, L+1, vocab)
+        x = self.decoder_embed(x)  # (B, kept, D_dec)
+        bsz, seq_len = token_all_mask.shape
+        # Every position starts as the embedded class-token output; kept outputs go back to their positions;
+        # every masked position (dropped or not) is then reset to that padding vector.
+        padding = x[:, :1].expand(bsz, seq_len, x.shape[-1])
+        x_full = padding.clone()
+        x_full[(1 - token_drop_mask).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[-1]).to(x_full.dtype)
+        x_full = torch.where(token_all_mask.unsqueeze(-1).bool(), padding, x_full)
+        x = x_full + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+        return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
+
+    def forward_loss(self, gt_indices, logits, mask):
+        """Label-smoothed cross-entropy over the codebook, averaged over masked positions."""
+        bsz, seq_len = gt_indices.shape
+        logits = logits[:, 1:, :self.codebook_size].reshape(bsz * seq_len, -1).float()
+        loss = self.criterion(logits, gt_indices.reshape(-1)).reshape(bsz, seq_len)
+        mask = mask[:, 1:]
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, gt_indices=None, masks=None, generator=None):
+        latent, gt_indices, token_drop_mask, token_all_mask = self.forward_encoder(
+            imgs, gt_indices=gt_indices, masks=masks, generator=generator)
+        logits = self.forward_decoder(latent, token_drop_mask, token_all_mask)
+        loss = self.forward_loss(gt_indices, logits, token_all_mask)
+        return loss, imgs, token_all_mask
+
+    def predict_logits(self, token_ids):
+        """Generation step: token_ids (B, L) with mask ids at unknown positions -> codebook logits (B, L, K)."""
+        token_indices = self.with_class_token(token_ids)
+        token_all_mask = (token_indices == self.mask_token_label).float()
+        x = self.encode_tokens(token_indices)
+        logits = self.forward_decoder(x, torch.zeros_like(token_all_mask), token_all_mask)
+        return logits[:, 1:, :self.codebook_size]
+
+
+def _mage(embed_dim, depth, num_heads, **kwargs):
+    kwargs.setdefault("decoder_embed_dim", embed_dim)
+    kwargs.setdefault("decoder_depth", 8)
+    kwargs.setdefault("decoder_num_heads", 16)
+    return MaskedGenerativeEncoderViT(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                      mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mage_vit_base_patch16(**kwargs):
+    return _mage(768, 12, 12, **kwargs)
+
+
+def mage_vit_large_patch16(**kwargs):
+    return _mage(1024, 24, 16, **kwargs)
+
+
+def mage_vit_tiny_patch16(**kwargs):
+    """CPU preset: the configuration of tests/data/mage_tiny_golden.pt."""
+    kwargs.setdefault("vqgan_config", "config/vqgan_tiny.yaml")
+    kwargs.setdefault("decoder_depth", 2)
+    kwargs.setdefault("decoder_num_heads", 4)
+    return _mage(64, 2, 4, **kwargs)
+
+
+MODELS = {
+    "mage_vit_base_patch16": mage_vit_base_patch16,
+    "mage_vit_large_patch16": mage_vit_large_patch16,
+    "mage_vit_tiny_patch16": mage_vit_tiny_patch16,
+}

@@ -1,0 +1,92 @@
+"""The VQGAN tokenizer as a plain nn.Module (MaskGIT variant: no quant_conv / post_quant_conv)."""
+import os
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from taming.modules.diffusionmodules.model import Decoder, Encoder
+from taming.modules.vqvae.quantize import VectorQuantizer2
+from util.checkpoint import load_checkpoint, load_state_dict_checked
+
+
+class VQModel(nn.Module):
+    def __init__(self, ddconfig, n_embed, embed_dim, ckpt_path=None):
+        super().__init__()
+        ddconfig = dict(ddconfig)
+        if ddconfig.get("z_channels", embed_dim) != embed_dim:
+            raise ValueError(f"ddconfig.z_channels ({ddconfig['z_channels']}) must equal embed_dim ({embed_dim}): "
+                             "this VQGAN has no quant_conv between the encoder and the codebook")
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
+        self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path)
+
+    def init_from_ckpt(self, path):
+        """Strict load of a tokenizer file: `{'state_dict': sd}` (the release) or a bare state dict."""
+        checkpoint = load_checkpoint(path)
+        state_dict = checkpoint.get("state_dict", checkpoint)
+        load_state_dict_checked(self, state_dict, source=path)
+
+    def encode(self, x):
+        # x: (B, 3, H, W) in [0, 1] -> quant (B, C, h, w), emb_loss, (perplexity, min_encodings, indices)
+        return self.quantize(self.encoder(x))
+
+    def decode(self, quant):
+        # quant: (B, C, h, w) -> (B, 3, H, W), roughly in [0, 1]
+        return self.decoder(quant)
+
+    def decode_code(self, indices, grid_size):
+        """indices: (B, h*w) token ids -> images (B, 3, H, W)."""
+        shape = (indices.shape[0], grid_size, grid_size, self.quantize.e_dim)
+        return self.decode(self.quantize.get_codebook_entry(indices.reshape(-1), shape=shape))
+
+    def forward(self, x):
+        quant, emb_loss, _ = self.encode(x)
+        return self.decode(quant), emb_loss
+
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_config_path(path):
+    """A config path as given if it exists, else relative to this repository (so 'config/vqgan.yaml' works
+    from any working directory)."""
+    path = os.fspath(path)
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    return os.path.join(PACKAGE_ROOT, path)
+
+
+def load_vqgan_config(config):
+    """Tokenizer settings {'ddconfig', 'n_embed', 'embed_dim'} from a YAML path shaped like config/vqgan.yaml,
+    or from an already loaded mapping of that shape (whole file, or its `model.params` part)."""
+    if isinstance(config, (str, os.PathLike)):
+        path = resolve_config_path(config)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer config '{config}' not found (also looked at '{path}')")
+        config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig):
+        config = OmegaConf.create(dict(config))
+    params = config.model.params if "model" in config else config
+    missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
+    if missing:
+        raise ValueError(f"tokenizer config lacks {missing}; expected the shape of config/vqgan.yaml")
+    return {"ddconfig": OmegaConf.to_container(params.ddconfig, resolve=True),
+            "n_embed": int(params.n_embed), "embed_dim": int(params.embed_dim)}
+
+
+def token_grid_size(vqgan_config):
+    """Side of the token grid: resolution / 2^(len(ch_mult) - 1)."""
+    ddconfig = vqgan_config["ddconfig"]
+    return ddconfig["resolution"] // 2 ** (len(ddconfig["ch_mult"]) - 1)
+
+
+def build_vqgan(config, ckpt_path=None):
+    """A frozen tokenizer in eval mode from a config path or mapping, optionally loading a checkpoint."""
+    settings = load_vqgan_config(config)
+    vqgan = VQModel(settings["ddconfig"], settings["n_embed"], settings["embed_dim"], ckpt_path=ckpt_path)
+    vqgan.eval()
+    vqgan.requires_grad_(False)
+    return vqgan, settings
