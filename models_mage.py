@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -183,6 +184,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
 
         self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
         self.criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -208,6 +210,18 @@ class MaskedGenerativeEncoderViT(nn.Module):
         super().train(mode)
         self.vqgan.eval()
         return self
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute block activations in the backward pass: less memory, about one more forward of compute."""
+        self.grad_checkpointing = enable
+
+    def run_blocks(self, blocks, x):
+        for block in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
     @torch.no_grad()
     def tokenize(self, imgs):
@@ -244,9 +258,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
         if token_drop_mask is not None:
             bsz, _, dim = x.shape
             x = x[(1 - token_drop_mask).nonzero(as_tuple=True)].reshape(bsz, -1, dim)  # (B, kept, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self.run_blocks(self.blocks, x))
 
     def forward_encoder(self, imgs, gt_indices=None, masks=None, generator=None):
         """Returns (encoder output (B, kept, D), gt_indices (B, L), token_drop_mask, token_all_mask)."""
@@ -271,10 +283,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
         x_full = padding.clone()
         x_full[(1 - token_drop_mask).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[-1]).to(x_full.dtype)
         x_full = torch.where(token_all_mask.unsqueeze(-1).bool(), padding, x_full)
-        x = x_full + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
-            x = block(x)
-        x = self.decoder_norm(x)
+        x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x_full + self.decoder_pos_embed_learned))
         return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
 
     def forward_loss(self, gt_indices, logits, mask):

@@ -4,6 +4,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from models_mage import NUM_UNUSED_CLASS_LABELS, BertEmbeddings, MageAttention
@@ -51,7 +52,10 @@ class VisionTransformerMage(VisionTransformer):
     def forward_tokens(self, token_indices):
         """token_indices (B, 1 + L) -> pooled representation (B, D)."""
         x = self.token_emb(token_indices)  # (B, 1 + L, D)
-        x = self.blocks(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         if self.global_pool_features:
             return self.fc_norm(x[:, 1:].mean(dim=1))  # mean over image tokens, class token excluded
         return self.norm(x)[:, 0]

@@ -24,25 +24,29 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: anti-aliased edges in
 INFO_FILE = "dataset.json"
 
 
-def _colour(rng):
-    return rng.integers(0, 256, size=3)
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def _contrasting_colour(rng, reference, min_distance=110.0):
-    """A random colour at least `min_distance` (RGB Euclidean) away from `reference`."""
-    for _ in range(100):
+def _colour(rng, high=256):
+    return rng.integers(0, high, size=3).astype(float)
+
+
+def _foreground_colour(rng, background, min_contrast=60.0):
+    """A random colour at least `min_contrast` brighter (luma) than `background`. Objects are always lighter
+    than their background: with random polarity too, a raw-pixel linear probe falls to near chance."""
+    for _ in range(200):
         colour = _colour(rng)
-        if np.linalg.norm(colour.astype(float) - reference) >= min_distance:
+        if (colour - background) @ LUMA >= min_contrast:
             return colour
-    return 255 - reference
+    return np.full(3, 255.0)
 
 
 def _background(rng, size):
-    """A flat colour or a linear gradient between two colours in a random direction: (size, size, 3) float."""
-    first = _colour(rng).astype(float)
+    """A dark-to-mid flat colour or linear gradient in a random direction: ((size, size, 3) float, mean colour)."""
+    first = _colour(rng, 160)
     if rng.random() < 0.4:
         return np.broadcast_to(first, (size, size, 3)).copy(), first
-    second = np.clip(first + rng.normal(0, 60, size=3), 0, 255)
+    second = np.clip(first + rng.normal(0, 40, size=3), 0, 159)
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
     t = (np.cos(angle) * xs + np.sin(angle) * ys + 0.5)[..., None].clip(0, 1)
@@ -64,11 +68,12 @@ def _disc(draw, center, radius, fill):
     draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
 
 
-def _draw_shape(name, draw, size, rng, fill, background_fill):
-    """Draw the class's content on a (size x size) canvas, `size` already supersampled."""
+def _draw_shape(name, draw, size, rng):
+    """Draw the class's content as white (255) on a black (size x size) mask, `size` already supersampled."""
+    fill, hole = 255, 0
     radius = rng.uniform(0.2, 0.36) * size
-    margin = radius * 1.05
-    center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
+    jitter = min(size / 2 - radius * 1.05, 0.2 * size)
+    center = (size / 2 + rng.uniform(-jitter, jitter), size / 2 + rng.uniform(-jitter, jitter))
     angle = rng.uniform(0, 2 * math.pi)
     if name == "disc":
         _disc(draw, center, radius * 0.85, fill)
@@ -78,7 +83,7 @@ def _draw_shape(name, draw, size, rng, fill, background_fill):
         draw.polygon(_regular_polygon(center, radius, 3, angle), fill=fill)
     elif name == "ring":
         _disc(draw, center, radius, fill)
-        _disc(draw, center, radius * rng.uniform(0.45, 0.6), background_fill)
+        _disc(draw, center, radius * rng.uniform(0.45, 0.6), hole)
     elif name == "cross":
         arm = radius * rng.uniform(0.3, 0.42)
         bar = [(-radius, -arm / 2), (radius, -arm / 2), (radius, arm / 2), (-radius, arm / 2)]
@@ -118,12 +123,12 @@ def render_image(label, size, rng):
     """One image of class CLASSES[label] as an RGB PIL image of (size x size)."""
     big = size * SUPERSAMPLE
     background, mean_background = _background(rng, big)
-    fill = tuple(int(c) for c in _contrasting_colour(rng, mean_background))
-    # Shapes are drawn onto a mask so that the ring's hole shows the background (gradient included).
+    fill = _foreground_colour(rng, mean_background)
+    # The class content is drawn as a mask so that the ring's hole shows the background (gradient included).
     mask = Image.new("L", (big, big), 0)
-    _draw_shape(CLASSES[label], ImageDraw.Draw(mask), big, rng, 255, 0)
+    _draw_shape(CLASSES[label], ImageDraw.Draw(mask), big, rng)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-    image = background * (1 - alpha) + np.asarray(fill, dtype=np.float32) * alpha
+    image = background * (1 - alpha) + fill * alpha
     image = Image.fromarray(image.round().clip(0, 255).astype(np.uint8))
     return image.resize((size, size), Image.BOX)
 

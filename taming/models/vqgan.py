@@ -1,6 +1,7 @@
 """The VQGAN tokenizer as a plain nn.Module (MaskGIT variant: no quant_conv / post_quant_conv)."""
 import os
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +21,20 @@ class VQModel(nn.Module):
         self.decoder = Decoder(**ddconfig)
         self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        self.compute_dtype = torch.float32
+        self.memory_format = torch.contiguous_format
+        # Checkpoints always hold float32 weights, whatever dtype the frozen tokenizer computes in.
+        self._register_state_dict_hook(_state_dict_in_float32)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path)
+
+    def set_inference_mode(self, dtype=torch.float32, channels_last=False):
+        """Fast path for the frozen tokenizer: weights in `dtype` (e.g. bfloat16, so GroupNorm and the
+        convolutions run natively without autocast casts) and channels_last memory layout. Codes are still
+        chosen by float32 distances. float32 + contiguous is the reference numerics."""
+        self.compute_dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return self.to(dtype=dtype, memory_format=self.memory_format)
 
     def init_from_ckpt(self, path):
         """Strict load of a tokenizer file: `{'state_dict': sd}` (the release) or a bare state dict."""
@@ -31,11 +44,11 @@ class VQModel(nn.Module):
 
     def encode(self, x):
         # x: (B, 3, H, W) in [0, 1] -> quant (B, C, h, w), emb_loss, (perplexity, min_encodings, indices)
-        return self.quantize(self.encoder(x))
+        return self.quantize(self.encoder(x.to(self.compute_dtype, memory_format=self.memory_format)))
 
     def decode(self, quant):
-        # quant: (B, C, h, w) -> (B, 3, H, W), roughly in [0, 1]
-        return self.decoder(quant)
+        # quant: (B, C, h, w) -> (B, 3, H, W) float32, roughly in [0, 1]
+        return self.decoder(quant.to(self.compute_dtype, memory_format=self.memory_format)).float()
 
     def decode_code(self, indices, grid_size):
         """indices: (B, h*w) token ids -> images (B, 3, H, W)."""
@@ -45,6 +58,13 @@ class VQModel(nn.Module):
     def forward(self, x):
         quant, emb_loss, _ = self.encode(x)
         return self.decode(quant), emb_loss
+
+
+def _state_dict_in_float32(module, state_dict, prefix, local_metadata):
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and value.is_floating_point() and value.dtype != torch.float32:
+            state_dict[key] = value.float()
+    return state_dict
 
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,252 @@
+"""Throughput and memory of MAGE's workloads, in the fast mode and in reference numerics.
+
+    python benchmark.py --model mage_vit_base_patch16 --batch_size 2 --compare
+    python benchmark.py --model mage_vit_large_patch16 --batch_size 256 --device cuda --compile
+
+Measures images/s of a pre-training step (forward + backward + AdamW), tokenizer encode and decode,
+generation at T=12 and T=20, linear-probe feature extraction; peak memory (GPU: max allocated, CPU: peak
+RSS of this process during the task); model FLOPs per image and, with --peak_tflops, model FLOPs
+utilisation. --compare runs the same work in reference numerics (fp32, explicit softmax attention,
+contiguous NCHW, no compile) and in the fast mode, in one process, and prints the ratios.
+"""
+import argparse
+import contextlib
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.utils.flop_counter import FlopCounterMode
+
+import models_mage
+import models_vit
+from models_vit import load_mage_checkpoint_into_classifier
+from util.perf import REFERENCE_NUMERICS, adamw_kwargs, apply_perf_settings
+from util.sampling import decode_tokens, iterative_decode
+
+TASKS = ("pretrain", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
+CLASSIFIER_FOR = {"mage_vit_base_patch16": "vit_base_patch16", "mage_vit_large_patch16": "vit_large_patch16",
+                  "mage_vit_tiny_patch16": "vit_tiny_patch16"}
+H200_BF16_DENSE_TFLOPS = 989.0
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAGE benchmark", add_help=True)
+    parser.add_argument("--model", default="mage_vit_base_patch16", choices=sorted(models_mage.MODELS))
+    parser.add_argument("--vqgan_config", default=None, help="tokenizer YAML (default: the preset's)")
+    parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--steps", default=3, type=int, help="timed repetitions per task")
+    parser.add_argument("--warmup", default=1, type=int, help="untimed repetitions per task")
+    parser.add_argument("--threads", default=0, type=int, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", default=0, type=int)
+    fast = parser.add_argument_group("fast mode")
+    fast.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    fast.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    fast.add_argument("--grad_checkpointing", action="store_true")
+    fast.add_argument("--no_channels_last", dest="channels_last", action="store_false")
+    fast.add_argument("--no_fused_attn", dest="fused_attn", action="store_false")
+    fast.add_argument("--no_fused_optimizer", dest="fused_optimizer", action="store_false")
+    parser.add_argument("--compare", action="store_true", help="also run reference numerics and print ratios")
+    parser.add_argument("--reference_only", action="store_true", help="run only reference numerics")
+    parser.add_argument("--peak_tflops", default=None, type=float,
+                        help=f"device peak for MFU (default on CUDA: H200 bf16 dense, {H200_BF16_DENSE_TFLOPS})")
+    parser.add_argument("--json", default="benchmark.json", help="where to write the results")
+    return parser
+
+
+def mode_settings(args, reference):
+    if reference:
+        return SimpleNamespace(name="reference", **REFERENCE_NUMERICS,
+                               grad_checkpointing=args.grad_checkpointing)
+    return SimpleNamespace(name="fast", amp=args.amp, fused_attn=args.fused_attn, channels_last=args.channels_last,
+                           tokenizer_dtype="auto", compile=args.compile, fused_optimizer=args.fused_optimizer,
+                           grad_checkpointing=args.grad_checkpointing)
+
+
+def autocast_for(settings, device):
+    if settings.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) of this process
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def time_task(step, device, warmup, steps):
+    """Mean seconds per call of step() and the peak memory while it ran."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps, peak_memory_mb(device)
+
+
+def count_flops(step):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def build_models(args, settings, device):
+    torch.manual_seed(args.seed)
+    kwargs = {"vqgan_config": args.vqgan_config} if args.vqgan_config else {}
+    mage = models_mage.MODELS[args.model](**kwargs).to(device)
+    apply_perf_settings(mage, settings, device)
+    classifier = models_vit.MODELS[CLASSIFIER_FOR[args.model]](global_pool=True, num_classes=1000, **kwargs)
+    load_mage_checkpoint_into_classifier(classifier, mage.state_dict(), source="benchmark MAGE weights")
+    classifier = classifier.to(device).eval()
+    apply_perf_settings(classifier, settings, device)
+    return mage, classifier
+
+
+def task_steps(args, settings, mage, classifier, device):
+    """name -> (callable running one batch, images per call)."""
+    bsz = args.batch_size
+    images = torch.rand(bsz, 3, mage.grid_size * mage.vqgan.downsample_factor,
+                        mage.grid_size * mage.vqgan.downsample_factor, device=device)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(mage, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                                  **adamw_kwargs(settings, device))
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+    with torch.no_grad():
+        token_ids = mage.tokenize(images)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def pretrain():
+        mage.train()
+        with autocast_for(settings, device):
+            loss, _, _ = mage(images, generator=generator)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(mage.parameters(), 3.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def encode():
+        with autocast_for(settings, device):
+            mage.tokenize(images)
+
+    @torch.no_grad()
+    def decode():
+        with autocast_for(settings, device):
+            decode_tokens(mage, token_ids)
+
+    def generate(num_iter):
+        @torch.no_grad()
+        def run():
+            start = torch.full((bsz, mage.seq_len), mage.mask_token_label, dtype=torch.long, device=device)
+            with autocast_for(settings, device):
+                decode_tokens(mage, iterative_decode(mage, start, num_iter=num_iter, temperature=4.5,
+                                                     generator=generator))
+        return run
+
+    @torch.no_grad()
+    def linprobe_features():
+        with autocast_for(settings, device):
+            classifier.forward_features(images)
+
+    return {"pretrain": pretrain, "encode": encode, "decode": decode, "generate_T12": generate(12),
+            "generate_T20": generate(20), "linprobe_features": linprobe_features}
+
+
+def run_mode(args, settings, device, tasks):
+    mage, classifier = build_models(args, settings, device)
+    steps = task_steps(args, settings, mage, classifier, device)
+    peak_tflops = args.peak_tflops or (H200_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
+    results = {}
+    for name in tasks:
+        seconds, memory = time_task(steps[name], device, args.warmup, args.steps)
+        flops = count_flops(steps[name]) if name in ("pretrain", "linprobe_features") else None
+        images_per_s = args.batch_size / seconds
+        row = {"images_per_s": images_per_s, "seconds_per_batch": seconds, "peak_memory_mb": memory}
+        if flops:
+            row["gflops_per_image"] = flops / args.batch_size / 1e9
+            if peak_tflops:
+                row["mfu"] = flops / seconds / (peak_tflops * 1e12)
+        results[name] = row
+        print(f"  [{settings.name}] {name:18s} {images_per_s:9.3f} img/s  {memory:9.0f} MB", flush=True)
+    del mage, classifier
+    return results
+
+
+def print_table(results, compare):
+    modes = list(results)
+    header = f"{'task':20s}" + "".join(f"{m + ' img/s':>18s}{m + ' MB':>14s}" for m in modes)
+    if compare:
+        header += f"{'speed-up':>10s}"
+    print("\n" + header)
+    for task in next(iter(results.values())):
+        line = f"{task:20s}" + "".join(
+            f"{results[m][task]['images_per_s']:18.3f}{results[m][task]['peak_memory_mb']:14.0f}" for m in modes)
+        if compare:
+            line += f"{results['fast'][task]['images_per_s'] / results['reference'][task]['images_per_s']:9.2f}x"
+        mfu = results[modes[-1]][task].get("mfu")
+        print(line + (f"   MFU {100 * mfu:.1f}%" if mfu else ""))
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    modes = [True] if args.reference_only else ([True, False] if args.compare else [False])
+    results = {}
+    for reference in modes:
+        settings = mode_settings(args, reference)
+        print(f"{settings.name}: {vars(settings)}", flush=True)
+        results[settings.name] = run_mode(args, settings, device, tasks)
+    print_table(results, compare=len(modes) == 2)
+    record = {"config": vars(args), "device_name": device_name(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {os.path.abspath(args.json)}")
+    return record
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

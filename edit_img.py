@@ -1,0 +1,220 @@
+"""Image editing with MAGE: reconstruction, inpainting and outpainting of your own images.
+
+    python edit_img.py --ckpt mage-vitb-1600.pth --mode inpaint --input photo.jpg --box 64 64 192 192
+    python edit_img.py --ckpt mage-vitb-1600.pth --mode inpaint --input photos/ --mask_image masks/
+    python edit_img.py --ckpt mage-vitb-1600.pth --mode outpaint --input photo.jpg --outpaint_pixels 48
+    python edit_img.py --ckpt mage-vitb-1600.pth --mode reconstruct --input photos/
+
+Every image is resized (shorter side) and center-cropped to the tokenizer resolution R = grid_size x
+downsample factor (256 for the release). Boxes and mask images are given in the pixels of the input image
+(white = edit) and follow the same resize and crop. Outpainting keeps the R x R canvas and fits the image
+into its inner part, leaving the requested margins (in canvas pixels) to be generated.
+Masking follows the SPEC: masked pixels are set to 0, the image is tokenized, every token whose cell overlaps
+a masked pixel is masked plus one ring of neighbours, and iterative decoding fills only those tokens; the
+other tokens are kept, so the rest of the image comes back through the tokenizer.
+Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (input | masked | result rows,
+for the first 16 images).
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw
+from torchvision.transforms import InterpolationMode
+from torchvision.utils import make_grid, save_image
+
+from gen_img_uncond import add_model_args, build_model, check_model_args
+from util import misc
+from util.sampling import decode_tokens, image_generators, iterative_decode
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MODES = ("reconstruct", "inpaint", "outpaint")
+GRID_ROWS = 16
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAGE image editing", add_help=True)
+    add_model_args(parser)
+    edit = parser.add_argument_group("editing")
+    edit.add_argument("--input", required=True, help="an image file or a folder of images")
+    edit.add_argument("--mode", default="inpaint", choices=MODES)
+    edit.add_argument("--box", nargs=4, type=int, metavar=("X0", "Y0", "X1", "Y1"),
+                      help="inpaint: region to regenerate, in pixels of the input image (x1, y1 exclusive)")
+    edit.add_argument("--mask_image", default="",
+                      help="inpaint: mask file for all inputs, or a folder with a mask per input (same name); "
+                           "white = regenerate")
+    edit.add_argument("--outpaint_pixels", type=int, default=None, help="outpaint: margin on every side")
+    edit.add_argument("--outpaint", nargs=4, type=int, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                      help="outpaint: margin per side, in pixels of the output canvas")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temp", default=4.5, type=float)
+    sampling.add_argument("--num_iter", default=12, type=int)
+    sampling.add_argument("--batch_size", default=8, type=int)
+    sampling.add_argument("--output_dir", default="output_dir/edit")
+    misc.add_runtime_args(parser)
+    return parser
+
+
+def list_images(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise misc.UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'")
+        return files
+    if not os.path.isfile(path):
+        raise misc.UsageError(f"--input '{path}' is neither an image file nor a folder")
+    return [path]
+
+
+def outpaint_margins(args, resolution):
+    """(left, top, right, bottom) margins in canvas pixels."""
+    if args.outpaint is not None:
+        margins = tuple(args.outpaint)
+    elif args.outpaint_pixels is not None:
+        margins = (args.outpaint_pixels,) * 4
+    else:
+        raise misc.UsageError("--mode outpaint needs --outpaint_pixels N or --outpaint LEFT TOP RIGHT BOTTOM")
+    left, top, right, bottom = margins
+    if min(margins) < 0 or left + right >= resolution or top + bottom >= resolution or not any(margins):
+        raise misc.UsageError(f"outpaint margins {margins} must be >= 0, not all 0, and leave part of the "
+                              f"{resolution}x{resolution} canvas for the image")
+    return margins
+
+
+def check_edit_args(args):
+    check_model_args(args)
+    has_region = args.box is not None or bool(args.mask_image)
+    if args.mode == "inpaint" and args.box is not None and args.mask_image:
+        raise misc.UsageError("give either --box or --mask_image, not both")
+    if args.mode == "inpaint" and not has_region:
+        raise misc.UsageError("--mode inpaint needs --box X0 Y0 X1 Y1 or --mask_image")
+    if args.mode != "inpaint" and has_region:
+        raise misc.UsageError(f"--box / --mask_image only apply to --mode inpaint, not {args.mode}")
+    if args.mode != "outpaint" and (args.outpaint is not None or args.outpaint_pixels is not None):
+        raise misc.UsageError("--outpaint / --outpaint_pixels only apply to --mode outpaint")
+    if args.box is not None and not (args.box[0] < args.box[2] and args.box[1] < args.box[3]):
+        raise misc.UsageError(f"--box {args.box}: need x0 < x1 and y0 < y1")
+
+
+def fit(img, height, width, interpolation=InterpolationMode.BILINEAR):
+    """Resize so the image covers height x width (shorter side first, like Resize), then center crop."""
+    if height == width:
+        img = TF.resize(img, height, interpolation=interpolation)
+    else:
+        scale = max(height / img.height, width / img.width)
+        img = TF.resize(img, [max(height, round(img.height * scale)), max(width, round(img.width * scale))],
+                        interpolation=interpolation)
+    return TF.center_crop(img, [height, width])
+
+
+def region_image(args, img, path):
+    """The inpainting region as an 'L' image of the input's size (255 = regenerate)."""
+    if args.box is not None:
+        region = Image.new("L", img.size, 0)
+        x0, y0, x1, y1 = args.box
+        ImageDraw.Draw(region).rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
+        return region
+    mask_path = args.mask_image
+    if os.path.isdir(mask_path):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        candidates = [n for n in sorted(os.listdir(mask_path)) if os.path.splitext(n)[0] == stem]
+        if not candidates:
+            raise misc.UsageError(f"no mask named '{stem}.*' in '{mask_path}' for input '{path}'")
+        mask_path = os.path.join(mask_path, candidates[0])
+    with Image.open(mask_path) as mask:
+        mask = mask.convert("L").point(lambda v: 255 if v > 127 else 0)
+    return mask.resize(img.size, Image.NEAREST) if mask.size != img.size else mask
+
+
+def prepare_canvas(args, path, resolution):
+    """(canvas (3, R, R) in [0, 1], pixel mask (R, R) bool: True = regenerate) for one input image."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    if args.mode == "outpaint":
+        left, top, right, bottom = outpaint_margins(args, resolution)
+        height, width = resolution - top - bottom, resolution - left - right
+        canvas = torch.zeros(3, resolution, resolution)
+        canvas[:, top:top + height, left:left + width] = TF.to_tensor(fit(img, height, width))
+        pixel_mask = torch.ones(resolution, resolution, dtype=torch.bool)
+        pixel_mask[top:top + height, left:left + width] = False
+        return canvas, pixel_mask
+    canvas = TF.to_tensor(fit(img, resolution, resolution))
+    if args.mode == "reconstruct":
+        return canvas, torch.zeros(resolution, resolution, dtype=torch.bool)
+    pixel_mask = TF.to_tensor(fit(region_image(args, img, path), resolution, resolution))[0] > 0
+    if not pixel_mask.any():
+        raise misc.UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
+    return canvas, pixel_mask
+
+
+def token_mask_from_pixels(pixel_mask, cell):
+    """(B, H, W) bool pixel mask -> (B, (H/cell)*(W/cell)) bool token mask: every token whose cell overlaps a
+    masked pixel, plus one ring of neighbouring tokens (8-neighbourhood)."""
+    cells = F.max_pool2d(pixel_mask[:, None].float(), kernel_size=cell, stride=cell)
+    ring = F.max_pool2d(cells, kernel_size=3, stride=1, padding=1)
+    return ring.flatten(1) > 0
+
+
+def edit_tokens(model, canvases, pixel_masks, num_iter, temperature, generator, amp="none"):
+    """Tokenize the masked canvases and regenerate the masked tokens.
+
+    canvases (B, 3, R, R) in [0, 1], pixel_masks (B, R, R) bool. Returns (input ids, token mask, output ids),
+    each (B, L); output ids equal input ids wherever the token mask is False.
+    """
+    masked = canvases * (~pixel_masks)[:, None].to(canvases.dtype)
+    ids_in = model.tokenize(masked)
+    token_mask = token_mask_from_pixels(pixel_masks, model.vqgan.downsample_factor)
+    if not token_mask.any():  # reconstruction: nothing to regenerate
+        return ids_in, token_mask, ids_in
+    start = ids_in.masked_fill(token_mask, model.mask_token_label)
+    with misc.autocast(canvases.device, amp):
+        ids_out = iterative_decode(model, start, num_iter=num_iter, temperature=temperature, generator=generator)
+    return ids_in, token_mask, ids_out
+
+
+def masked_view(canvases, token_mask, grid_size, cell):
+    """The canvases with the regenerated tokens' cells greyed out (what the model keeps)."""
+    cells = token_mask.view(-1, 1, grid_size, grid_size).float()
+    pixels = cells.repeat_interleave(cell, dim=2).repeat_interleave(cell, dim=3)
+    return canvases * (1 - pixels) + 0.5 * pixels
+
+
+def edit_batch(model, args, paths, indices, resolution):
+    """Edited images (B, 3, R, R), plus the canvases and their masked views, all in [0, 1] on the CPU."""
+    prepared = [prepare_canvas(args, path, resolution) for path in paths]
+    canvases = torch.stack([c for c, _ in prepared]).to(args.device)
+    pixel_masks = torch.stack([m for _, m in prepared]).to(args.device)
+    generators = image_generators(args.seed, indices, args.device)
+    _, token_mask, ids = edit_tokens(model, canvases, pixel_masks, args.num_iter, args.temp, generators, args.amp)
+    results = decode_tokens(model, ids)
+    views = masked_view(canvases, token_mask, model.grid_size, model.vqgan.downsample_factor)
+    return canvases.cpu(), views.cpu(), results.cpu()
+
+
+def main(args):
+    check_edit_args(args)
+    paths = list_images(args.input)
+    args.device = torch.device(args.device)
+    model = build_model(args)
+    resolution = model.grid_size * model.vqgan.downsample_factor
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows = []
+    for start in range(0, len(paths), args.batch_size):
+        batch_paths = paths[start:start + args.batch_size]
+        indices = list(range(start, start + len(batch_paths)))
+        canvases, views, results = edit_batch(model, args, batch_paths, indices, resolution)
+        for path, canvas, view, result in zip(batch_paths, canvases, views, results):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            save_image(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            if len(rows) < 3 * GRID_ROWS:
+                rows.extend([canvas, view, result])
+        print(f"edited {start + len(batch_paths)}/{len(paths)}")
+    grid_path = os.path.join(args.output_dir, f"grid_{args.mode}.png")
+    save_image(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
+    print(f"wrote {len(paths)} images and {grid_path}")
+
+
+if __name__ == "__main__":
+    misc.run_script(get_args_parser(), main)

@@ -1,0 +1,118 @@
+"""One epoch of MAGE pre-training, plus the periodic tensorboard image grid.
+
+Masks are drawn for the whole global batch from a generator seeded by (seed, epoch, step), and each process
+takes the rows of its own samples (DistributedSampler deals samples out round-robin, so process r holds
+global rows r, r + world, ...). A run on N processes with batch b therefore sees exactly the data and masks
+of one process with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
+"""
+import torch
+import torchvision
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+
+PRINT_FREQ = 20
+VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def split_batch(batch, device):
+    """(images, token ids) of a batch, one of them None.
+
+    Image datasets yield (images float (B, 3, H, W) in [0, 1], labels). A token cache yields integer token ids
+    (B, seq_len) in place of the images; they go to the model as gt_indices and the tokenizer is skipped.
+    """
+    samples = batch[0] if isinstance(batch, (list, tuple)) else batch
+    samples = samples.to(device, non_blocking=True)
+    if samples.dtype.is_floating_point:
+        return samples, None
+    return None, samples.long()
+
+
+def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
+    """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch."""
+    world, rank = misc.get_world_size(), misc.get_rank()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(misc.derive_seed(seed, epoch, step))
+    token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
+    return token_drop_mask[rank::world], token_all_mask[rank::world]
+
+
+def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
+    model.train(True)
+    model_without_ddp = unwrap(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    accum_iter = args.accum_iter
+    steps = len(data_loader)
+    vis_batch = None
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(metric_logger.log_every(data_loader, PRINT_FREQ, f"Epoch: [{epoch}]")):
+        if step % accum_iter == 0:
+            lr = lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
+        images, tokens = split_batch(batch, device)
+        if vis_batch is None and log_writer is not None:
+            vis_batch = (images, tokens)
+        local_bsz = (images if tokens is None else tokens).shape[0]
+        masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
+        update = (step + 1) % accum_iter == 0
+
+        with misc.no_sync_if(model, not update):
+            with misc.autocast(device, args.amp):
+                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks)
+            loss_value = misc.all_reduce_mean(loss.item())
+            misc.check_finite(loss_value, epoch, step)
+            grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,
+                                    update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        mask_ratio = token_all_mask[:, 1:].float().mean().item()
+        metric_logger.update(loss=loss_value, lr=lr, mask_ratio=mask_ratio)
+        if grad_norm is not None:
+            grad_norm = float(grad_norm)  # identical on every process: gradients are already synchronised
+            metric_logger.update(grad_norm=grad_norm)
+        if log_writer is not None and update:
+            epoch_1000x = int((step / steps + epoch) * 1000)  # x axis comparable across batch sizes
+            log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
+            log_writer.add_scalar("lr", lr, epoch_1000x)
+            log_writer.add_scalar("grad_norm", grad_norm, epoch_1000x)
+            log_writer.add_scalar("mask_ratio", mask_ratio, epoch_1000x)
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    if vis_batch is not None and args.vis_every > 0 and (epoch % args.vis_every == 0 or epoch + 1 == args.epochs):
+        log_image_grid(model_without_ddp, *vis_batch, log_writer, epoch, args)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def log_image_grid(model, images, tokens, log_writer, epoch, args):
+    """Rows: inputs | tokenizer reconstruction | reconstruction with the masked tokens replaced by the
+    model's argmax prediction. Runs in eval mode with its own mask generator: training RNG is untouched."""
+    was_training = model.training
+    model.eval()
+    count = args.vis_num
+    images = images[:count] if images is not None else None
+    with misc.autocast(args.device, args.amp):
+        tokens = model.tokenize(images) if tokens is None else tokens[:count]
+        device = tokens.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(misc.derive_seed(args.seed, epoch, VIS_STREAM))
+        drop_mask, all_mask = model.sample_masks(tokens.shape[0], device, generator)
+        latent, _, _, _ = model.forward_encoder(None, gt_indices=tokens, masks=(drop_mask, all_mask))
+        logits = model.forward_decoder(latent, drop_mask, all_mask)
+        predicted = logits[:, 1:, :model.codebook_size].argmax(dim=-1)
+        predicted = torch.where(all_mask[:, 1:].bool(), predicted, tokens)
+        reconstruction = model.vqgan.decode_code(tokens, model.grid_size).float()
+        prediction = model.vqgan.decode_code(predicted, model.grid_size).float()
+    inputs = images.float() if images is not None else reconstruction
+    grid = torchvision.utils.make_grid(torch.cat([inputs, reconstruction, prediction]).clamp(0, 1).cpu(),
+                                       nrow=tokens.shape[0])
+    log_writer.add_image("inputs | reconstruction | prediction of masked tokens", grid, epoch)
+    model.train(was_training)

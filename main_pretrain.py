@@ -1,0 +1,137 @@
+"""MAGE pre-training: masked token modelling over a frozen VQGAN tokenizer, under torchrun DDP or alone."""
+import argparse
+import datetime
+import os
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+import models_mage
+import util.datasets as data
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAGE pre-training")
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch_size", default=64, type=int,
+                       help="batch size per process (effective batch = batch_size * accum_iter * processes)")
+    group.add_argument("--epochs", default=400, type=int)
+    group.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="mage_vit_large_patch16", choices=sorted(models_mage.MODELS))
+    group.add_argument("--input_size", default=256, type=int, help="image side fed to the tokenizer")
+    group.add_argument("--vqgan_config", default="", help="tokenizer YAML (default: the model preset's)")
+    group.add_argument("--vqgan_ckpt", default="", help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt")
+    group.add_argument("--mask_ratio_min", type=float, default=0.5)
+    group.add_argument("--mask_ratio_max", type=float, default=1.0)
+    group.add_argument("--mask_ratio_mu", type=float, default=0.55)
+    group.add_argument("--mask_ratio_std", type=float, default=0.25)
+    group.add_argument("--dropout", type=float, default=0.1, help="dropout in embeddings, attention and MLPs")
+
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--weight_decay", type=float, default=0.05)
+    group.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", type=float, default=1e-3, help="base lr")
+    group.add_argument("--min_lr", type=float, default=0.0)
+    group.add_argument("--warmup_epochs", type=int, default=40)
+    group.add_argument("--grad_clip", type=float, default=3.0, help="gradient norm clip (0: none)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with a train/ folder")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="log unreadable images and use the next one instead of stopping")
+
+    group = parser.add_argument_group("tensorboard images")
+    group.add_argument("--vis_every", type=int, default=20, help="image grid every N epochs (0: never)")
+    group.add_argument("--vis_num", type=int, default=8, help="images in the grid")
+
+    misc.add_checkpoint_args(parser, save_every=40)
+    misc.add_runtime_args(parser)
+    return parser
+
+
+def check_args(args):
+    """Reject impossible flag combinations before any work starts."""
+    if not 0.0 < args.mask_ratio_min <= args.mask_ratio_max <= 1.0:
+        raise misc.UsageError(f"need 0 < --mask_ratio_min <= --mask_ratio_max <= 1, got "
+                              f"{args.mask_ratio_min} and {args.mask_ratio_max}")
+    if args.mask_ratio_std <= 0:
+        raise misc.UsageError(f"--mask_ratio_std must be positive, got {args.mask_ratio_std}")
+    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
+        raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+    if args.warmup_epochs < 0:
+        raise misc.UsageError("--warmup_epochs must not be negative")
+    data.check_split(args.data_path, "train")
+
+
+def build_model(args):
+    model = models_mage.MODELS[args.model](
+        mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, mask_ratio_mu=args.mask_ratio_mu,
+        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **misc.model_builder_kwargs(args))
+    misc.check_input_size(model, args.input_size)
+    if not args.vqgan_ckpt and not misc.resolve_resume_path(args):
+        print("WARNING: no --vqgan_ckpt and nothing to resume: the tokenizer is randomly initialised "
+              "(fine for tests, useless for real pre-training)")
+    return model
+
+
+def main(args):
+    check_args(args)
+    misc.init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(str(args).replace(", ", ",\n"))
+    device = args.device
+    misc.seed_everything(args.seed + misc.get_rank())
+    if args.output_dir and misc.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    model = build_model(args)
+    dataset_train = data.build_image_folder(args, "train", data.pretrain_transform(args.input_size))
+    data_loader_train = data.build_loader(dataset_train, args, train=True)
+    if len(data_loader_train) == 0:
+        raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
+                              f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+
+    model.to(device)
+    model_without_ddp = model
+    print(f"Model = {model_without_ddp}")
+    misc.effective_lr(args)
+    if args.distributed:
+        # patch_embed, cls_token, mask_token and decoder_pred exist only for checkpoint compatibility
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        model_without_ddp = model.module
+
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95),
+                                  fused=True if device.type == "cuda" else None)
+    print(optimizer)
+    loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
+    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    log_writer = misc.make_log_writer(args)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            data.set_epoch(data_loader_train, epoch)
+            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
+            train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                          log_writer=log_writer, args=args)
+            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+            if log_writer is not None:
+                log_writer.flush()
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        misc.cleanup_distributed()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+if __name__ == "__main__":
+    misc.run_script(get_args_parser(), main)

@@ -1,0 +1,180 @@
+"""ImageFolder data for the training scripts: transforms, bad-image handling, deterministic augmentation.
+
+Augmentation randomness is seeded per (seed, epoch, sample index), so a sample gets the same crop whatever
+the number of processes, data workers or restarts. Together with DistributedSampler's (seed, epoch) order
+this makes data exactly reproducible across resumes and world sizes.
+"""
+import contextlib
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from util.crop import RandomResizedCrop
+from util.misc import TrainingError, UsageError, derive_seed, get_rank, get_world_size
+
+logger = logging.getLogger(__name__)
+
+# The reference evaluates with Resize(292) + CenterCrop(256); the same ratio for other input sizes.
+EVAL_RESIZE_RATIO = 292 / 256
+
+
+class BadImageError(TrainingError):
+    """An image file that cannot be decoded."""
+
+
+@contextlib.contextmanager
+def seeded_rng(seed):
+    """Run a block with python/numpy/torch-CPU RNGs seeded from `seed`, restoring their state afterwards."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class SeededImageFolder(datasets.ImageFolder):
+    """torchvision ImageFolder whose transform is seeded per (seed, epoch, index).
+
+    An unreadable image raises BadImageError naming the file; with skip_bad_images it is logged and the
+    next readable image is used instead (batch shapes stay the same).
+    """
+
+    def __init__(self, root, transform, seed=0, skip_bad_images=False):
+        super().__init__(root, transform=transform)
+        self.seed = seed
+        self.epoch = 0
+        self.skip_bad_images = skip_bad_images
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _read(self, path):
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise BadImageError(f"cannot read image '{path}': {err}") from None
+
+    def load_image(self, index):
+        """(PIL image, target) of `index`, or of the next readable image when skipping bad ones."""
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self._read(path), target
+            except BadImageError as err:
+                if not self.skip_bad_images:
+                    raise
+                logger.warning("--skip_bad_images: %s; using the next image instead", err)
+        raise BadImageError(f"no readable image in '{self.root}'")
+
+    def __getitem__(self, index):
+        image, target = self.load_image(index)
+        if self.transform is not None:
+            with seeded_rng(derive_seed(self.seed, self.epoch, index)):
+                image = self.transform(image)
+        return image, target
+
+
+def interpolation_mode(name):
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[name]
+
+
+def pretrain_transform(input_size):
+    """RandomResizedCrop(scale 0.2-1) + flip, pixels in [0, 1] (the tokenizer's input range)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor()])
+
+
+def eval_transform(input_size, interpolation="bicubic", mean=None, std=None):
+    """Resize(input_size * 292/256) + CenterCrop(input_size), [0, 1] pixels, optionally normalised."""
+    steps = [transforms.Resize(round(input_size * EVAL_RESIZE_RATIO), interpolation=interpolation_mode(interpolation)),
+             transforms.CenterCrop(input_size),
+             transforms.ToTensor()]
+    if mean is not None:
+        steps.append(transforms.Normalize(mean, std))
+    return transforms.Compose(steps)
+
+
+def linprobe_train_transform(input_size):
+    """TF-style RandomResizedCrop(scale 0.2-1, bicubic) + flip, [0, 1] pixels."""
+    return transforms.Compose([
+        RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor()])
+
+
+def finetune_mean_std(args):
+    """ImageNet mean/std (the reference) or identity with --no_normalize."""
+    if args.no_normalize:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def finetune_train_transform(args):
+    """timm's ImageNet training transform: RandomResizedCrop(0.2-1), flip, RandAugment, normalise, erasing."""
+    mean, std = finetune_mean_std(args)
+    return create_transform(input_size=args.input_size, is_training=True, scale=(0.2, 1.0),
+                            color_jitter=args.color_jitter, auto_augment=args.aa or None,
+                            interpolation=args.interpolation, re_prob=args.reprob, re_mode=args.remode,
+                            re_count=args.recount, mean=mean, std=std)
+
+
+def denormalize(images, mean, std):
+    """Undo Normalize(mean, std) on a (B, 3, H, W) batch (in place), giving [0, 1] pixels back."""
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return images.mul_(std).add_(mean)
+
+
+def check_split(data_path, split):
+    """UsageError unless data_path/split is a folder (checked before any work starts)."""
+    folder = os.path.join(data_path, split)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--data_path '{data_path}' has no '{split}' folder (expected ImageFolder layout "
+                         f"{folder}/<class>/<image>)")
+    return folder
+
+
+def build_image_folder(args, split, transform):
+    folder = check_split(args.data_path, split)
+    dataset = SeededImageFolder(folder, transform, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    print(f"{split}: {len(dataset)} images in {len(dataset.classes)} classes from {folder}")
+    return dataset
+
+
+def build_loader(dataset, args, train, distributed=True, batch_size=None):
+    """DataLoader over a DistributedSampler (rank-sharded; shuffled per (seed, epoch) when training).
+
+    distributed=False gives the full dataset in order on every process (evaluation without --dist_eval).
+    """
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
+                                                      shuffle=train, seed=args.seed, drop_last=False)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
+                                       num_workers=args.num_workers, drop_last=train,
+                                       pin_memory=args.pin_mem and torch.device(args.device).type == "cuda")
+
+
+def set_epoch(data_loader, epoch):
+    """Make the next pass over `data_loader` use epoch `epoch`'s order and augmentation."""
+    if hasattr(data_loader.sampler, "set_epoch"):
+        data_loader.sampler.set_epoch(epoch)
+    if hasattr(data_loader.dataset, "set_epoch"):
+        data_loader.dataset.set_epoch(epoch)

@@ -1,0 +1,18 @@
+"""Per-iteration learning-rate schedule: linear warm-up, then half-cycle cosine down to min_lr."""
+import math
+
+
+def lr_at(epoch, args):
+    """The lr at a fractional epoch (epoch + step / steps_per_epoch)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def adjust_learning_rate(optimizer, epoch, args):
+    """Set every param group's lr (times its 'lr_scale', e.g. from layer-wise decay). Returns the base lr."""
+    lr = lr_at(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
