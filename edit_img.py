@@ -143,7 +143,9 @@ def prepare_canvas(args, path, resolution):
     canvas = TF.to_tensor(fit(img, resolution, resolution))
     if args.mode == "reconstruct":
         return canvas, torch.zeros(resolution, resolution, dtype=torch.bool)
-    pixel_mask = TF.to_tensor(fit(region_image(args, img, path), resolution, resolution))[0] > 0
+    # Box resampling: a canvas pixel is masked iff its footprint in the input overlaps a masked input pixel.
+    region = fit(region_image(args, img, path), resolution, resolution, interpolation=InterpolationMode.BOX)
+    pixel_mask = TF.to_tensor(region)[0] > 0
     if not pixel_mask.any():
         raise misc.UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
     return canvas, pixel_mask

@@ -10,6 +10,7 @@ as is), OUTPUT_DIR/<settings>/grid.png, settings.json and metrics.json. Image k 
 are dealt out to the ranks, so any number of processes writes the same files. A rerun skips written images.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -78,11 +79,20 @@ def check_args(args):
         raise misc.UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
 
 
-def settings_of(args):
+def weights_fingerprint(model):
+    """sha256 of every tensor of the model's state dict: tells checkpoints with the same file name apart."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def settings_of(args, model):
     """Everything that changes the images; stored in settings.json and checked on every rerun."""
     return {"model": args.model, "ckpt": os.path.basename(args.ckpt) if args.ckpt else "random_init",
-            "vqgan_config": args.vqgan_config, "vqgan_ckpt": args.vqgan_ckpt, "temp": args.temp,
-            "num_iter": args.num_iter, "seed": args.seed, "amp": args.amp, "device_type": args.device.type}
+            "weights_sha256": weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
+            "seed": args.seed, "amp": args.amp, "device_type": args.device.type}
 
 
 def run_folder(args):
@@ -178,12 +188,12 @@ def save_grid(image_dir, num_images, path):
     save_png(grid.permute(1, 2, 0).contiguous(), path)
 
 
-def evaluate(args, image_dir, folder):
+def evaluate(args, image_dir, folder, settings):
     metrics = compute_metrics(image_dir, args.fid_ref, device=args.device, isc=True, fid=True, kid=args.fid_kid,
                               prc=args.fid_prc, weights_path=args.fid_weights or None,
                               feature_extractor=args.fid_feature_extractor, batch_size=args.fid_batch_size)
     report = {"metrics": metrics, "num_images": args.num_images, "fid_ref": os.path.abspath(args.fid_ref),
-              "feature_extractor": args.fid_feature_extractor, "settings": settings_of(args)}
+              "feature_extractor": args.fid_feature_extractor, "settings": settings}
     write_atomic(os.path.join(folder, "metrics.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(json.dumps(metrics, indent=2))
 
@@ -196,8 +206,9 @@ def main(args):
     model = build_model(args)
     folder = run_folder(args)
     image_dir = os.path.join(folder, "images")
+    settings = settings_of(args, model) if misc.is_main_process() else None
     if misc.is_main_process():
-        prepare_folder(folder, settings_of(args))
+        prepare_folder(folder, settings)
     misc.barrier()
     batches = batches_to_do(args, image_dir)
     misc.barrier()  # every rank has listed the missing images before any rank writes
@@ -216,7 +227,7 @@ def main(args):
         save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
         print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
         if args.eval_fid:
-            evaluate(args, image_dir, folder)
+            evaluate(args, image_dir, folder, settings)
     misc.barrier()
     misc.cleanup_distributed()
 

@@ -157,6 +157,12 @@ def build_image_folder(args, split, transform):
     return dataset
 
 
+def check_num_classes(dataset, nb_classes):
+    """UsageError when the folder has more classes than the classifier's --nb_classes."""
+    if len(dataset.classes) > nb_classes:
+        raise UsageError(f"'{dataset.root}' has {len(dataset.classes)} classes but --nb_classes is {nb_classes}")
+
+
 def build_loader(dataset, args, train, distributed=True, batch_size=None):
     """DataLoader over a DistributedSampler (rank-sharded; shuffled per (seed, epoch) when training).
 

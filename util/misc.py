@@ -466,7 +466,7 @@ def check_finite(loss_value, epoch, step):
     """Raise TrainingError naming the epoch/step when the (all-reduced) loss is NaN or inf."""
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping. The last saved "
-                            f"checkpoint is untouched (resume from it with a lower lr or --amp none/fp16)")
+                            f"checkpoint is untouched (resume from it, e.g. with a lower --blr)")
 
 
 @contextlib.contextmanager
@@ -504,3 +504,20 @@ def effective_lr(args):
     print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
           f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
     return args.lr
+
+
+def all_gather_rows(local, total, chunk_rows=16384):
+    """Full (total, ...) CPU tensor from per-process rows of a round-robin split (process r holds rows
+    r, r + world, ...; a DistributedSampler with shuffle=False and its padding). Gathers in chunks so large
+    feature sets do not need to fit on one GPU."""
+    world = get_world_size()
+    if world == 1:
+        return local[:total].cpu()
+    device = _collective_device()
+    pieces = []
+    for start in range(0, local.shape[0], chunk_rows):
+        part = local[start:start + chunk_rows].to(device).contiguous()
+        gathered = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(gathered, part)
+        pieces.append(torch.stack([g.cpu() for g in gathered], dim=1).reshape(-1, *local.shape[1:]))
+    return torch.cat(pieces)[:total]

@@ -1,0 +1,85 @@
+"""Training and evaluation epochs for the classifier (fine-tuning and linear probe).
+
+`input_fn` maps a loaded batch to what `model` takes: undoing the mean/std normalisation for fine-tuning,
+or frozen backbone features for the linear probe (where `model` is only the trained head).
+"""
+import torch
+from timm.utils import accuracy
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+
+PRINT_FREQ = 20
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=None,
+                    mixup_fn=None, log_writer=None, args=None, input_fn=None):
+    model.train(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    accum_iter = args.accum_iter
+    steps = len(data_loader)
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, PRINT_FREQ, f"Epoch: [{epoch}]")):
+        if step % accum_iter == 0:
+            lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        if input_fn is not None:
+            samples = input_fn(samples)
+        update = (step + 1) % accum_iter == 0
+
+        with misc.no_sync_if(model, not update):
+            with misc.autocast(device, args.amp):
+                loss = criterion(model(samples), targets)
+            loss_value = misc.all_reduce_mean(loss.item())
+            misc.check_finite(loss_value, epoch, step)
+            grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params,
+                                    update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        max_lr = max(group["lr"] for group in optimizer.param_groups)
+        metric_logger.update(loss=loss_value, lr=max_lr)
+        if grad_norm is not None:
+            metric_logger.update(grad_norm=float(grad_norm))
+        if log_writer is not None and update:
+            epoch_1000x = int((step / steps + epoch) * 1000)  # x axis comparable across batch sizes
+            log_writer.add_scalar("loss", loss_value, epoch_1000x)
+            log_writer.add_scalar("lr", max_lr, epoch_1000x)
+            if grad_norm is not None:
+                log_writer.add_scalar("grad_norm", float(grad_norm), epoch_1000x)
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, args, input_fn=None):
+    """Cross-entropy, top-1 and top-5 accuracy (top-k with k capped at the number of classes)."""
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    model.eval()
+    for samples, targets in metric_logger.log_every(data_loader, PRINT_FREQ, "Test:"):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if input_fn is not None:
+            samples = input_fn(samples)
+        with misc.autocast(device, args.amp):
+            output = model(samples)
+        output = output.float()
+        loss = criterion(output, targets)
+        acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
+        batch_size = samples.shape[0]
+        metric_logger.meters["loss"].update(loss.item(), n=batch_size)
+        metric_logger.meters["acc1"].update(acc1.item(), n=batch_size)
+        metric_logger.meters["acc5"].update(acc5.item(), n=batch_size)
+    metric_logger.synchronize_between_processes()
+    print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f} "
+          f"loss {metric_logger.loss.global_avg:.3f}")
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

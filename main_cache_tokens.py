@@ -1,0 +1,104 @@
+"""Tokenize K augmented views of every training image once, for pre-training with --cached_tokens.
+
+    torchrun --nproc_per_node=8 main_cache_tokens.py --data_path ${IMAGENET_DIR} --output_dir token_cache \
+        --num_views 10 --vqgan_ckpt vqgan_jax_strongaug.ckpt
+
+Each view is the pre-training augmentation (RandomResizedCrop(scale 0.2-1) + horizontal flip), seeded by
+(seed, view, image index), so the cache does not depend on the number of processes. Shards are uint16.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from taming.models.vqgan import build_vqgan, token_grid_size
+from util.datasets import SeededImageFolder, check_split, pretrain_transform
+from util.misc import (UsageError, add_runtime_args, barrier, init_distributed_mode, is_main_process, run_script,
+                       seed_everything)
+from util.perf import add_perf_args, resolve_perf_args, tokenizer_dtype
+from util.token_cache import META_FILE, read_meta, write_meta, write_shard
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAGE token cache", add_help=True)
+    group = parser.add_argument_group("cache")
+    group.add_argument("--data_path", default="./data", help="ImageFolder root with a train/ folder")
+    group.add_argument("--output_dir", default="./token_cache", help="cache folder")
+    group.add_argument("--num_views", default=10, type=int, help="augmented views stored per image (K)")
+    group.add_argument("--input_size", default=256, type=int, help="crop size (the tokenizer's resolution)")
+    group.add_argument("--batch_size", default=64, type=int, help="images tokenized at once per process")
+    group.add_argument("--vqgan_config", default="config/vqgan.yaml")
+    group.add_argument("--vqgan_ckpt", default=None, help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt")
+    group.add_argument("--skip_bad_images", action="store_true")
+    add_runtime_args(parser)
+    add_perf_args(parser)
+    return parser
+
+
+def cache_settings(args, vqgan_settings, num_images):
+    return {"num_views": args.num_views, "input_size": args.input_size, "seed": args.seed,
+            "grid_size": token_grid_size(vqgan_settings), "codebook_size": vqgan_settings["n_embed"],
+            "vqgan_config": vqgan_settings, "vqgan_ckpt": args.vqgan_ckpt, "num_images": num_images,
+            "data_path": os.path.abspath(args.data_path), "world_size": args.world_size}
+
+
+def tokenize_views(args, vqgan, dataset, rows, seq_len):
+    """uint16 (len(rows), K, L) token ids of this rank's images."""
+    subset = torch.utils.data.Subset(dataset, rows)
+    tokens = np.zeros((len(subset), args.num_views, seq_len), dtype=np.uint16)
+    progress = tqdm(total=args.num_views * len(subset), desc="tokenizing", unit="img",
+                    disable=not is_main_process())
+    for view in range(args.num_views):
+        dataset.set_epoch(view)  # the seeded augmentation of view `view`
+        loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             shuffle=False)
+        start = 0
+        for images, _ in loader:
+            with torch.no_grad():
+                _, _, (_, _, indices) = vqgan.encode(images.to(args.device, non_blocking=True))
+            indices = indices.reshape(images.shape[0], -1).cpu().numpy().astype(np.uint16)
+            tokens[start:start + len(indices), view] = indices
+            start += len(indices)
+            progress.update(len(indices))
+    progress.close()
+    return tokens
+
+
+def main(args):
+    resolve_perf_args(args)
+    if args.num_views < 1:
+        raise UsageError("--num_views must be at least 1")
+    folder = check_split(args.data_path, "train")
+    init_distributed_mode(args)
+    seed_everything(args.seed)  # the same tokenizer on every rank even without --vqgan_ckpt
+    vqgan, vqgan_settings = build_vqgan(args.vqgan_config, args.vqgan_ckpt)
+    if vqgan_settings["n_embed"] > 2 ** 16:
+        raise UsageError(f"codebook of {vqgan_settings['n_embed']} entries does not fit uint16 token ids")
+    vqgan.to(args.device).set_inference_mode(tokenizer_dtype(args, args.device), channels_last=args.channels_last)
+    dataset = SeededImageFolder(folder, pretrain_transform(args.input_size), seed=args.seed,
+                                skip_bad_images=args.skip_bad_images)
+    settings = cache_settings(args, vqgan_settings, len(dataset))
+    if os.path.isfile(os.path.join(args.output_dir, META_FILE)):
+        existing = read_meta(args.output_dir)
+        if {k: v for k, v in existing.items() if k != "world_size"} == \
+                {k: v for k, v in settings.items() if k != "world_size"}:
+            print(f"token cache in {args.output_dir} is complete; nothing to do")
+            return
+        raise UsageError(f"--output_dir '{args.output_dir}' holds a token cache with other settings; "
+                         "choose another folder")
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows = list(range(args.rank, len(dataset), args.world_size))
+    tokens = tokenize_views(args, vqgan, dataset, rows, settings["grid_size"] ** 2)
+    labels = [dataset.targets[i] for i in rows]
+    write_shard(args.output_dir, args.rank, tokens, rows, labels)
+    barrier()
+    if is_main_process():
+        write_meta(args.output_dir, settings)
+        print(f"cached {args.num_views} views of {len(dataset)} images ({settings['grid_size']}x"
+              f"{settings['grid_size']} tokens) in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    run_script(get_args_parser(), main)

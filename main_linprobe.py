@@ -1,0 +1,196 @@
+"""Linear probe of MAGE features: frozen backbone, BatchNorm (no affine) + linear head trained with LARS.
+
+--cache_features runs the frozen backbone once over each split and trains the head on the stored features
+(one fixed augmented view per training image); without it the backbone runs every epoch on fresh crops.
+"""
+import argparse
+import datetime
+import os
+import time
+
+import torch
+from timm.layers import trunc_normal_
+
+import models_vit
+import util.datasets as data
+import util.misc as misc
+from engine_finetune import evaluate, train_one_epoch
+from util.lars import LARS
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAGE linear probing for image classification")
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch_size", default=512, type=int,
+                       help="batch size per process (effective batch = batch_size * accum_iter * processes)")
+    group.add_argument("--epochs", default=90, type=int)
+    group.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="vit_large_patch16", choices=sorted(models_vit.MODELS))
+    group.add_argument("--input_size", default=256, type=int, help="image side fed to the tokenizer")
+    group.add_argument("--vqgan_config", default="", help="tokenizer YAML (default: the model preset's)")
+    group.add_argument("--vqgan_ckpt", default="", help="tokenizer weights (the --finetune checkpoint has them)")
+    group.add_argument("--finetune", default="", help="MAGE pre-training checkpoint to probe")
+    group.add_argument("--global_pool", action="store_true", default=False, help="mean-pool the image tokens")
+    group.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the class token")
+    group.add_argument("--nb_classes", default=1000, type=int)
+
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--weight_decay", type=float, default=0.0)
+    group.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", type=float, default=0.1, help="base lr")
+    group.add_argument("--min_lr", type=float, default=0.0)
+    group.add_argument("--warmup_epochs", type=int, default=10)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with train/ and val/")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="log unreadable images and use the next one instead of stopping")
+    group.add_argument("--cache_features", action="store_true",
+                       help="extract the frozen features once (one fixed view per training image) and train "
+                            "the head on them")
+    group.add_argument("--no_train_aug", action="store_true",
+                       help="train on the evaluation transform (Resize + CenterCrop) instead of random crops")
+
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume)")
+    group.add_argument("--dist_eval", action="store_true", help="shard evaluation over the processes")
+
+    misc.add_checkpoint_args(parser, save_every=10)
+    misc.add_runtime_args(parser)
+    return parser
+
+
+def check_args(args):
+    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
+        raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+    if args.eval and not args.resume:
+        raise misc.UsageError("--eval needs weights: pass --resume (a linear-probe checkpoint)")
+    data.check_split(args.data_path, "val")
+    if not args.eval:
+        data.check_split(args.data_path, "train")
+
+
+def build_model(args):
+    """The classifier with head = BatchNorm1d(affine=False) + Linear (trunc-normal std 0.01); only the head
+    trains."""
+    model = models_vit.MODELS[args.model](num_classes=args.nb_classes, global_pool=args.global_pool,
+                                          **misc.model_builder_kwargs(args))
+    misc.check_input_size(model, args.input_size)
+    if args.finetune and not args.eval:
+        print(f"Load pre-trained checkpoint from: {args.finetune}")
+        print(models_vit.load_mage_checkpoint_into_classifier(model, args.finetune))
+    trunc_normal_(model.head.weight, std=0.01)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
+                                     model.head)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    return model
+
+
+def feature_fn(model, args):
+    """Frozen backbone features (float32) of a batch of [0, 1] images; the backbone stays in eval mode."""
+    @torch.no_grad()
+    def features(images):
+        with misc.autocast(args.device, args.amp):
+            return model.forward_features(images).float()
+    return features
+
+
+@torch.no_grad()
+def extract_features(features, dataset, args):
+    """TensorDataset(features, labels) of a whole split; each process extracts its share, then all gather."""
+    loader = data.build_loader(dataset, args, train=False, distributed=True)
+    feats, labels = [], []
+    for images, targets in misc.MetricLogger().log_every(loader, 20, "Extracting features:"):
+        feats.append(features(images.to(args.device, non_blocking=True)).cpu())
+        labels.append(targets)
+    feats = misc.all_gather_rows(torch.cat(feats), len(dataset))
+    labels = misc.all_gather_rows(torch.cat(labels), len(dataset))
+    return torch.utils.data.TensorDataset(feats, labels)
+
+
+def build_data(model, args):
+    """(train loader, val loader, input_fn): loaders of images and a feature extractor, or of cached features."""
+    val_transform = data.eval_transform(args.input_size)
+    train_transform = val_transform if args.no_train_aug else data.linprobe_train_transform(args.input_size)
+    dataset_val = data.build_image_folder(args, "val", val_transform)
+    dataset_train = None if args.eval else data.build_image_folder(args, "train", train_transform)
+    for dataset in (dataset_val, dataset_train):
+        if dataset is not None:
+            data.check_num_classes(dataset, args.nb_classes)
+    features = feature_fn(model, args)
+    input_fn = features
+    if args.cache_features:
+        dataset_val = extract_features(features, dataset_val, args)
+        dataset_train = None if args.eval else extract_features(features, dataset_train, args)
+        input_fn = None
+    loader_val = data.build_loader(dataset_val, args, train=False, distributed=args.dist_eval)
+    loader_train = None if args.eval else data.build_loader(dataset_train, args, train=True)
+    if loader_train is not None and len(loader_train) == 0:
+        raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
+                              f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+    return loader_train, loader_val, input_fn
+
+
+def main(args):
+    check_args(args)
+    misc.init_distributed_mode(args)
+    print(str(args).replace(", ", ",\n"))
+    device = args.device
+    misc.seed_everything(args.seed + misc.get_rank())
+    if args.output_dir and misc.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    model = build_model(args).to(device)
+    model.eval()  # the frozen backbone never trains (no dropout); train_one_epoch switches the head to train
+    head = model.head
+    if args.distributed:
+        head = torch.nn.parallel.DistributedDataParallel(
+            head, device_ids=[device.index] if device.type == "cuda" else None)
+    print(f"number of trained params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    misc.effective_lr(args)
+    optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
+    misc.load_model(args, model, optimizer, loss_scaler)
+    loader_train, loader_val, input_fn = build_data(model, args)
+
+    if args.eval:
+        test_stats = evaluate(loader_val, model.head, device, args, input_fn)
+        print(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
+        misc.cleanup_distributed()
+        return test_stats
+
+    criterion = torch.nn.CrossEntropyLoss()
+    log_writer = misc.make_log_writer(args)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    max_accuracy, test_stats = 0.0, {}
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            data.set_epoch(loader_train, epoch)
+            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
+            train_stats = train_one_epoch(head, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                                          log_writer=log_writer, args=args, input_fn=input_fn)
+            misc.save_model(args, epoch, model, optimizer, loss_scaler)
+            test_stats = evaluate(loader_val, model.head, device, args, input_fn)
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            print(f"Accuracy on the {len(loader_val.dataset)} test images: {test_stats['acc1']:.1f}%  "
+                  f"(max {max_accuracy:.2f}%)")
+            if log_writer is not None:
+                for key in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+                log_writer.flush()
+            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        misc.cleanup_distributed()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return test_stats
+
+
+if __name__ == "__main__":
+    misc.run_script(get_args_parser(), main)

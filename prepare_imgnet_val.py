@@ -1,0 +1,74 @@
+"""Reference images for FID/IS: an ImageFolder split resized (shorter side, bilinear) and center-cropped, as PNG.
+
+    python prepare_imgnet_val.py --data_path /path/to/imagenet --output_dir data/imagenet-val-256
+
+Reads DATA_PATH/val (any ImageFolder split) and writes OUTPUT_DIR/00000.png ... in ImageFolder order, flat,
+so the folder can be given to torch-fidelity as is. PNG matters: JPEG references give a worse FID (13.7 vs
+11.1 for ViT-B). A rerun skips files already written (writes are atomic), so an interrupted run can resume.
+"""
+import argparse
+import os
+from functools import partial
+from multiprocessing import Pool
+
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Prepare ImageNet validation references for FID", add_help=True)
+    parser.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root holding the split folder")
+    parser.add_argument("--split", default="val", help="split folder inside --data_path")
+    parser.add_argument("--output_dir", default="./data/imagenet-val-256")
+    parser.add_argument("--image_size", default=256, type=int)
+    parser.add_argument("--num_workers", default=8, type=int, help="parallel processes (0: this process only)")
+    return parser
+
+
+def output_path(output_dir, index, digits):
+    return os.path.join(output_dir, f"{index:0{digits}d}.png")
+
+
+def convert(job, transform, output_dir, digits):
+    """Resize, crop and write one image atomically; job = (index, source path)."""
+    index, source = job
+    path = output_path(output_dir, index, digits)
+    tmp_path = os.path.join(output_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(source, "rb") as f:
+        img = Image.open(f).convert("RGB")
+    transform(img).save(tmp_path, format="PNG")
+    os.replace(tmp_path, path)
+
+
+def main(args):
+    root = os.path.join(args.data_path, args.split)
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: '{root}' is not a folder (expected an ImageFolder split: {root}/<class>/<image>)")
+    samples = ImageFolder(root).samples
+    digits = max(5, len(str(len(samples) - 1)))
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in os.listdir(args.output_dir):  # partial files of an interrupted run
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.output_dir, name))
+    jobs = [(i, path) for i, (path, _) in enumerate(samples)
+            if not os.path.isfile(output_path(args.output_dir, i, digits))]
+    print(f"{len(samples)} images in {root}; {len(samples) - len(jobs)} already in {args.output_dir}, "
+          f"{len(jobs)} to write")
+    # Resize(int) resizes the shorter side with torchvision's default (bilinear), as the reference does.
+    transform = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size)])
+    work = partial(convert, transform=transform, output_dir=args.output_dir, digits=digits)
+    with tqdm(total=len(jobs), unit="img") as progress:
+        if args.num_workers > 0 and len(jobs) > 1:
+            with Pool(args.num_workers) as pool:
+                for _ in pool.imap_unordered(work, jobs, chunksize=16):
+                    progress.update()
+        else:
+            for job in jobs:
+                work(job)
+                progress.update()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,101 @@
+"""Linear probe: frozen backbone, BatchNorm + linear head with LARS, cached features == uncached."""
+import os
+
+import pytest
+import torch
+
+import main_linprobe
+from train_support import (data_fitted_tokenizer_checkpoint, parse, run_torchrun, write_texture_folder,
+                           write_tokenizer_config)
+from util.checkpoint import CheckpointError, load_checkpoint
+from util.datasets import SeededImageFolder, eval_transform
+from util.lars import LARS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(texture data, tokenizer config, MAGE checkpoint whose codebook follows the data)."""
+    root = tmp_path_factory.mktemp("linprobe")
+    data = write_texture_folder(root / "data", splits=(("train", 24), ("val", 16)))
+    config = write_tokenizer_config(str(root))
+    train = SeededImageFolder(os.path.join(data, "train"), eval_transform(32))
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    checkpoint = data_fitted_tokenizer_checkpoint(root / "mage.pth", config, images)
+    return data, config, checkpoint
+
+
+def probe_args(setup, output_dir, *extra):
+    data, config, checkpoint = setup
+    return ["--model", "vit_tiny_patch16", "--vqgan_config", config, "--input_size", "32", "--data_path", data,
+            "--finetune", str(checkpoint), "--nb_classes", "4", "--global_pool", "--batch_size", "16",
+            "--epochs", "15", "--warmup_epochs", "1", "--lr", "10", "--output_dir", str(output_dir),
+            "--log_dir", "", "--amp", "none", "--num_workers", "0", "--device", "cpu", *map(str, extra)]
+
+
+def test_cached_features_give_the_same_probe_and_beat_chance(tmp_path, setup):
+    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no_train_aug")))
+    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no_train_aug",
+                                                                "--cache_features")))
+    assert uncached["acc1"] == cached["acc1"]
+    assert cached["acc1"] >= 45.0  # 4 classes: chance is 25 % (this random backbone reaches ~58 %)
+    head_plain = load_checkpoint(tmp_path / "plain" / "checkpoint-last.pth")["model"]
+    head_cached = load_checkpoint(tmp_path / "cached" / "checkpoint-last.pth")["model"]
+    for key in ("head.1.weight", "head.1.bias", "head.0.running_mean", "head.0.running_var"):
+        torch.testing.assert_close(head_plain[key], head_cached[key], rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_head_trains_and_eval_reproduces_accuracy(tmp_path, setup):
+    out = tmp_path / "out"
+    stats = main_linprobe.main(parse(main_linprobe, probe_args(setup, out, "--cache_features", "--epochs", 3)))
+    trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    pretrained = load_checkpoint(setup[2])["model"]
+    shared = [k for k in trained if k in pretrained and not k.startswith("head.") and k != "pos_embed"]
+    assert len(shared) > 50  # tokenizer, token_emb, blocks (pos_embed is resized and unused)
+    for key in shared:
+        assert torch.equal(trained[key], pretrained[key]), key
+    assert "head.0.weight" not in trained  # BatchNorm1d(affine=False)
+
+    evaluated = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "eval", "--eval", "--resume", out)))
+    assert evaluated["acc1"] == stats["acc1"]
+
+
+def test_torchrun_cached_probe_gathers_features_from_both_processes(tmp_path, setup):
+    out = tmp_path / "out"
+    result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_features", "--dist_eval",
+                                                         "--batch_size", 8, "--epochs", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Accuracy on the 64 test images" in result.stdout
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+
+
+def test_checkpoint_that_does_not_fit_stops_with_key_names(tmp_path, setup):
+    state = dict(load_checkpoint(setup[2])["model"])
+    for key in [k for k in state if k.startswith("blocks.1.")]:
+        del state[key]
+    broken = tmp_path / "broken.pth"
+    torch.save({"model": state}, broken)
+    data, config, _ = setup
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1\.attn\.proj\.bias"):
+        main_linprobe.main(parse(main_linprobe, probe_args((data, config, broken), tmp_path / "out")))
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+def test_lars_scales_matrices_by_trust_ratio_and_leaves_vectors_plain():
+    weight = torch.nn.Parameter(torch.full((2, 2), 3.0))
+    bias = torch.nn.Parameter(torch.ones(2))
+    optimizer = LARS([weight, bias], lr=1.0, weight_decay=0.5, momentum=0.9, trust_coefficient=0.001)
+    weight.grad = torch.ones(2, 2)
+    bias.grad = torch.ones(2)
+    optimizer.step()
+    update = torch.ones(2, 2) + 0.5 * 3.0  # gradient + weight decay
+    expected = 3.0 - 0.001 * torch.linalg.norm(torch.full((2, 2), 3.0)) / torch.linalg.norm(update) * update
+    torch.testing.assert_close(weight.detach(), expected)
+    torch.testing.assert_close(bias.detach(), torch.zeros(2))  # no decay, no trust ratio: 1 - lr * grad

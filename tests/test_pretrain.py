@@ -1,0 +1,194 @@
+"""Pre-training pipeline: torchrun DDP, exact DDP/resume equivalence, atomic checkpoints, failure messages."""
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main_pretrain
+import util.misc as misc
+from conftest import write_image_folder
+from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun,
+                           write_tokenizer_config)
+from util.checkpoint import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread like the subprocess runs (OMP_NUM_THREADS=1): same float arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_config(tmp_path_factory):
+    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """4 shape classes, 8 training images each, 64 pixels (cropped/resized to 32)."""
+    return write_image_folder(tmp_path_factory.mktemp("shapes"), splits=(("train", 8),))
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_two_processes_trains_and_writes_checkpoints_and_events(tmp_path, shapes, tokenizer_config):
+    out = tmp_path / "out"
+    argv = pretrain_args(shapes, out, tokenizer_config, "--batch_size", 4, "--epochs", 2, "--blr", 0.03,
+                         "--warmup_epochs", 0, "--save_every", 1, "--vis_every", 1, "--vis_num", 4)
+    argv[argv.index("--log_dir") + 1] = str(out)
+    result = run_torchrun("main_pretrain.py", argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed init (rank 0/2, gloo)" in result.stdout
+
+    for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"):
+        checkpoint = load_checkpoint(out / name)
+        assert set(checkpoint) == {"model", "optimizer", "scaler", "epoch", "args"}
+    last = load_checkpoint(out / "checkpoint-last.pth")
+    assert last["epoch"] == 1 and last["args"].world_size == 2
+    assert not glob.glob(str(out / "*.tmp"))
+
+    losses = [entry["train_loss"] for entry in read_log(out)]
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.05, losses  # token statistics are learnable
+
+    events = EventAccumulator(str(out), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"train_loss", "lr", "grad_norm", "mask_ratio"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train_loss")) == 8  # 32 images / (2 x 4) per step, 2 epochs
+    grids = events.Images(events.Tags()["images"][0])
+    assert len(grids) == 2 and grids[-1].width == 4 * 32 + 5 * 2 and grids[-1].height == 3 * 32 + 4 * 2
+
+
+def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_config):
+    """One step on 2 processes x 4 images == one step on 1 process x 8 images (same data, crops and masks)."""
+    data = write_image_folder(tmp_path / "data", splits=(("train", 2),))
+    common = ("--epochs", 1, "--warmup_epochs", 0, "--lr", 1e-4, "--dropout", 0.0)
+    ddp = run_torchrun("main_pretrain.py", pretrain_args(data, tmp_path / "ddp", tokenizer_config,
+                                                         "--batch_size", 4, *common))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    main_pretrain.main(parse(main_pretrain, pretrain_args(data, tmp_path / "single", tokenizer_config,
+                                                          "--batch_size", 8, *common)))
+
+    single = load_checkpoint(tmp_path / "single" / "checkpoint-last.pth")
+    distributed = load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")
+    start = main_pretrain.build_model(parse(main_pretrain, pretrain_args(data, tmp_path, tokenizer_config)))
+    assert max_abs_difference(single["model"], start.state_dict()) > 1e-5  # the step did move the weights
+    assert max_abs_difference(single["model"], distributed["model"]) < 1e-5
+    moments_single = [s["exp_avg"] for _, s in sorted(single["optimizer"]["state"].items())]
+    moments_ddp = [s["exp_avg"] for _, s in sorted(distributed["optimizer"]["state"].items())]
+    assert max((a - b).abs().max().item() for a, b in zip(moments_single, moments_ddp)) < 1e-6  # = 0.1 * grad
+
+
+def test_resume_and_auto_resume_continue_exactly(tmp_path, shapes, tokenizer_config):
+    """2 epochs straight == epoch 0, a restart from its checkpoint, then epoch 1 (dropout and crops included)."""
+    common = ("--batch_size", 8, "--epochs", 2, "--warmup_epochs", 1, "--blr", 0.03, "--save_every", 1)
+    main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "straight", tokenizer_config, *common)))
+    straight = model_state(tmp_path / "straight" / "checkpoint-last.pth")
+
+    # a crash after epoch 0 leaves exactly checkpoint-0 behind; --resume a file
+    resumed = run_script("main_pretrain.py", pretrain_args(
+        shapes, tmp_path / "resumed", tokenizer_config, *common,
+        "--resume", tmp_path / "straight" / "checkpoint-0.pth"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing at epoch 1" in resumed.stdout
+    assert max_abs_difference(straight, model_state(tmp_path / "resumed" / "checkpoint-last.pth")) == 0
+
+    # re-running the same command with --auto_resume picks up output_dir/checkpoint-last.pth
+    os.makedirs(tmp_path / "auto")
+    shutil.copy(tmp_path / "straight" / "checkpoint-0.pth", tmp_path / "auto" / "checkpoint-last.pth")
+    main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "auto", tokenizer_config, *common,
+                                                          "--auto_resume")))
+    auto = load_checkpoint(tmp_path / "auto" / "checkpoint-last.pth")
+    assert auto["epoch"] == 1 and [e["epoch"] for e in read_log(tmp_path / "auto")] == [1]
+    assert max_abs_difference(straight, auto["model"]) == 0
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, shapes, tokenizer_config, monkeypatch):
+    out = tmp_path / "out"
+    argv = pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8, "--epochs", 2, "--save_every", 0)
+    real_replace = os.replace
+    calls = []
+
+    def replace_failing_after_first_save(src, dst):
+        calls.append(dst)
+        if len(calls) > 1:  # the file of epoch 1 is written and fsynced, then the process "dies"
+            raise OSError("simulated crash between write and rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing_after_first_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        main_pretrain.main(parse(main_pretrain, argv))
+    monkeypatch.undo()
+
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["epoch"] == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "log.txt"]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, shapes, tokenizer_config):
+    out = tmp_path / "out"
+    main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8,
+                                                          "--epochs", 1)))
+    before = sha256(out / "checkpoint-last.pth")
+    argv = pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8, "--epochs", 2, "--resume", out,
+                         "--lr", 1e30, "--warmup_epochs", 0)
+    with pytest.raises(misc.TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
+        main_pretrain.main(parse(main_pretrain, argv))
+    assert sha256(out / "checkpoint-last.pth") == before
+
+
+def test_bad_image_is_named_or_skipped(tmp_path, tokenizer_config, caplog):
+    data = write_image_folder(tmp_path / "data", splits=(("train", 2),))
+    bad = os.path.join(data, "train", "class_1_rectangle", "0001.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    argv = pretrain_args(data, tmp_path / "out", tokenizer_config, "--batch_size", 4, "--epochs", 1)
+    with pytest.raises(misc.TrainingError, match=f"cannot read image '{bad}'"):
+        main_pretrain.main(parse(main_pretrain, argv))
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-last.pth")
+
+    main_pretrain.main(parse(main_pretrain, argv + ["--skip_bad_images"]))
+    assert load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")["epoch"] == 0
+    assert bad in caplog.text
+
+
+def test_impossible_flags_fail_before_any_work(tmp_path, shapes, tokenizer_config):
+    out = tmp_path / "out"
+    result = run_script("main_pretrain.py", pretrain_args(shapes, out, tokenizer_config, "--mask_ratio_min", 0.9,
+                                                          "--mask_ratio_max", 0.6))
+    assert result.returncode == 2
+    assert "error: need 0 < --mask_ratio_min <= --mask_ratio_max <= 1, got 0.9 and 0.6" in result.stderr
+    assert not out.exists()
+
+    cases = [(("--data_path", tmp_path / "nowhere"), "has no 'train' folder"),
+             (("--input_size", 64), "--input_size 64 does not fit the tokenizer"),
+             (("--batch_size", 1000), "smaller than one batch")]
+    for flags, message in cases:
+        with pytest.raises(misc.UsageError, match=message):
+            main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, out, tokenizer_config, *flags)))
+        assert not glob.glob(str(out / "*.pth"))
+
+
+def test_resume_from_checkpoint_of_another_model_names_the_keys(tmp_path, shapes, tokenizer_config):
+    bad = tmp_path / "other.pth"
+    torch.save({"model": {"blocks.0.norm1.weight": torch.ones(3)}, "epoch": 0}, bad)
+    argv = pretrain_args(shapes, tmp_path / "out", tokenizer_config, "--epochs", 1, "--batch_size", 8,
+                         "--resume", bad)
+    with pytest.raises(CheckpointError, match=r"missing keys: .*blocks\.0\.attn\.proj\.bias.*shape mismatch: "
+                                        r"blocks\.0\.norm1\.weight"):
+        main_pretrain.main(parse(main_pretrain, argv))

@@ -1,0 +1,90 @@
+"""Pre-tokenized training data: K augmented views of every image, tokenized once.
+
+Layout of a cache folder (written by main_cache_tokens.py, one shard per rank):
+    meta.json                  settings (views, grid, codebook, tokenizer, crop) and the shard list
+    tokens-rank00000.npy       uint16 (N_r, K, L) token ids of the rank's images
+    index-rank00000.npy        int64 (N_r,) dataset index of each row
+    labels-rank00000.npy       int64 (N_r,) class of each row
+
+This departs from the recipe's unlimited augmentation: each epoch draws one of the K fixed views of an
+image instead of a fresh random crop.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from util.misc import UsageError, derive_seed
+
+META_FILE = "meta.json"
+
+
+def shard_paths(cache_dir, rank):
+    return {name: os.path.join(cache_dir, f"{name}-rank{rank:05d}.npy") for name in ("tokens", "index", "labels")}
+
+
+def save_npy_atomic(path, array):
+    tmp_path = path + ".tmp.npy"
+    np.save(tmp_path, array)
+    os.replace(tmp_path, path)
+
+
+def write_shard(cache_dir, rank, tokens, indices, labels):
+    paths = shard_paths(cache_dir, rank)
+    save_npy_atomic(paths["index"], np.asarray(indices, dtype=np.int64))
+    save_npy_atomic(paths["labels"], np.asarray(labels, dtype=np.int64))
+    save_npy_atomic(paths["tokens"], np.asarray(tokens, dtype=np.uint16))
+
+
+def write_meta(cache_dir, meta):
+    tmp_path = os.path.join(cache_dir, META_FILE + ".tmp")
+    with open(tmp_path, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp_path, os.path.join(cache_dir, META_FILE))
+
+
+def read_meta(cache_dir):
+    path = os.path.join(cache_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"--cached_tokens '{cache_dir}' is not a token cache (no {META_FILE}); "
+                         "write one with main_cache_tokens.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+class CachedTokenDataset(torch.utils.data.Dataset):
+    """Token ids of one view per image and epoch: item i of epoch e is view hash(seed, e, i) mod K."""
+
+    def __init__(self, cache_dir, seed=0):
+        self.meta = read_meta(cache_dir)
+        tokens, indices, labels = [], [], []
+        for rank in range(self.meta["world_size"]):
+            paths = shard_paths(cache_dir, rank)
+            missing = [p for p in paths.values() if not os.path.isfile(p)]
+            if missing:
+                raise UsageError(f"token cache '{cache_dir}' is incomplete: missing {missing}")
+            tokens.append(np.load(paths["tokens"], mmap_mode="r"))
+            indices.append(np.load(paths["index"]))
+            labels.append(np.load(paths["labels"]))
+        order = np.argsort(np.concatenate(indices), kind="stable")
+        self.row_of = order  # dataset index -> row in the concatenated shards
+        self.shards = tokens
+        self.shard_starts = np.cumsum([0] + [len(t) for t in tokens])
+        self.labels = np.concatenate(labels)[order]
+        self.num_views = self.meta["num_views"]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.row_of)
+
+    def __getitem__(self, index):
+        row = int(self.row_of[index])
+        shard = int(np.searchsorted(self.shard_starts, row, side="right") - 1)
+        view = derive_seed(self.seed, self.epoch, index) % self.num_views
+        tokens = np.asarray(self.shards[shard][row - self.shard_starts[shard], view], dtype=np.int64)
+        return torch.from_numpy(tokens), int(self.labels[index])
