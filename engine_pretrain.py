@@ -10,6 +10,7 @@ import torchvision
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.sampling import generate_images
 
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
@@ -94,7 +95,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 @torch.no_grad()
 def log_image_grid(model, images, tokens, log_writer, epoch, args):
     """Rows: inputs | tokenizer reconstruction | reconstruction with the masked tokens replaced by the
-    model's argmax prediction. Runs in eval mode with its own mask generator: training RNG is untouched."""
+    model's argmax prediction | unconditional samples (12 steps, temperature 4.5).
+    Runs in eval mode with its own generators: training RNG is untouched."""
     was_training = model.training
     model.eval()
     count = args.vis_num
@@ -111,8 +113,9 @@ def log_image_grid(model, images, tokens, log_writer, epoch, args):
         predicted = torch.where(all_mask[:, 1:].bool(), predicted, tokens)
         reconstruction = model.vqgan.decode_code(tokens, model.grid_size).float()
         prediction = model.vqgan.decode_code(predicted, model.grid_size).float()
+        samples = generate_images(model, tokens.shape[0], num_iter=12, temperature=4.5, generator=generator)
     inputs = images.float() if images is not None else reconstruction
-    grid = torchvision.utils.make_grid(torch.cat([inputs, reconstruction, prediction]).clamp(0, 1).cpu(),
-                                       nrow=tokens.shape[0])
-    log_writer.add_image("inputs | reconstruction | prediction of masked tokens", grid, epoch)
+    rows = torch.cat([inputs, reconstruction, prediction, samples]).clamp(0, 1).cpu()
+    grid = torchvision.utils.make_grid(rows, nrow=tokens.shape[0])
+    log_writer.add_image("inputs | reconstruction | prediction of masked tokens | samples", grid, epoch)
     model.train(was_training)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 import models_mage
 from util import misc
 from util.checkpoint import extract_model_state, load_checkpoint, load_state_dict_checked
+from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args, tokenizer_dtype
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
@@ -40,6 +41,7 @@ def add_model_args(parser):
     model.add_argument("--vqgan_config", default=None, help="tokenizer config (default: the model preset's)")
     model.add_argument("--vqgan_ckpt", default=None,
                        help="tokenizer weights; when given they replace any vqgan.* weights in --ckpt")
+    add_perf_args(parser)
     return model
 
 
@@ -66,6 +68,7 @@ def get_args_parser():
 
 
 def check_model_args(args):
+    resolve_perf_args(args)
     if args.random_init == bool(args.ckpt):
         raise misc.UsageError("pass --ckpt PATH (a MAGE checkpoint), or --random_init to run on random weights")
 
@@ -92,7 +95,9 @@ def settings_of(args, model):
     """Everything that changes the images; stored in settings.json and checked on every rerun."""
     return {"model": args.model, "ckpt": os.path.basename(args.ckpt) if args.ckpt else "random_init",
             "weights_sha256": weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
-            "seed": args.seed, "amp": args.amp, "device_type": args.device.type}
+            "seed": args.seed, "amp": args.amp, "device_type": args.device.type,
+            "fused_attn": args.fused_attn, "tokenizer_dtype": str(tokenizer_dtype(args, args.device)),
+            "channels_last": args.channels_last}
 
 
 def run_folder(args):
@@ -120,7 +125,7 @@ def build_model(args):
             allowed_missing = ("vqgan.",)
         load_state_dict_checked(model, state_dict, source=args.ckpt, allowed_missing=allowed_missing,
                                 ignore_foreign_modules=True)
-    return model.to(args.device).eval()
+    return apply_perf_settings(model.to(args.device), args, args.device).eval()
 
 
 def prepare_folder(folder, settings):

@@ -18,6 +18,7 @@ import models_vit
 import util.datasets as data
 import util.lr_decay as lrd
 import util.misc as misc
+from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings, resolve_perf_args
 from engine_finetune import evaluate, train_one_epoch
 
 
@@ -80,6 +81,7 @@ def get_args_parser():
 
     misc.add_checkpoint_args(parser, save_every=10)
     misc.add_runtime_args(parser)
+    add_perf_args(parser)
     return parser
 
 
@@ -140,6 +142,7 @@ def pixel_fn(args):
 
 
 def main(args):
+    resolve_perf_args(args)
     check_args(args)
     misc.init_distributed_mode(args)
     print(str(args).replace(", ", ",\n"))
@@ -162,6 +165,7 @@ def main(args):
                                   f"processes) is smaller than one batch of --batch_size {args.batch_size}")
 
     model.to(device)
+    apply_perf_settings(model, args, device)
     model_without_ddp = model
     print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
     misc.effective_lr(args)
@@ -174,8 +178,7 @@ def main(args):
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, args.beta2),
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, args.beta2), **adamw_kwargs(args, device))
     loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)

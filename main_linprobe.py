@@ -14,6 +14,7 @@ from timm.layers import trunc_normal_
 import models_vit
 import util.datasets as data
 import util.misc as misc
+from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args
 from engine_finetune import evaluate, train_one_epoch
 from util.lars import LARS
 
@@ -59,6 +60,7 @@ def get_args_parser():
 
     misc.add_checkpoint_args(parser, save_every=10)
     misc.add_runtime_args(parser)
+    add_perf_args(parser)
     return parser
 
 
@@ -135,6 +137,7 @@ def build_data(model, args):
 
 
 def main(args):
+    resolve_perf_args(args)
     check_args(args)
     misc.init_distributed_mode(args)
     print(str(args).replace(", ", ",\n"))
@@ -143,7 +146,7 @@ def main(args):
     if args.output_dir and misc.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
 
-    model = build_model(args).to(device)
+    model = apply_perf_settings(build_model(args).to(device), args, device)
     model.eval()  # the frozen backbone never trains (no dropout); train_one_epoch switches the head to train
     head = model.head
     if args.distributed:

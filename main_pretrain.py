@@ -11,6 +11,8 @@ import models_mage
 import util.datasets as data
 import util.misc as misc
 from engine_pretrain import train_one_epoch
+from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings, resolve_perf_args
+from util.token_cache import CachedTokenDataset, read_meta
 
 
 def get_args_parser():
@@ -44,6 +46,9 @@ def get_args_parser():
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with a train/ folder")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="log unreadable images and use the next one instead of stopping")
+    group.add_argument("--cached_tokens", default="",
+                       help="pre-train from a token cache written by main_cache_tokens.py (one of its K stored "
+                            "views per image and epoch) instead of tokenizing --data_path on the fly")
 
     group = parser.add_argument_group("tensorboard images")
     group.add_argument("--vis_every", type=int, default=20, help="image grid every N epochs (0: never)")
@@ -51,6 +56,7 @@ def get_args_parser():
 
     misc.add_checkpoint_args(parser, save_every=40)
     misc.add_runtime_args(parser)
+    add_perf_args(parser)
     return parser
 
 
@@ -65,7 +71,24 @@ def check_args(args):
         raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.warmup_epochs < 0:
         raise misc.UsageError("--warmup_epochs must not be negative")
-    data.check_split(args.data_path, "train")
+    if args.cached_tokens:
+        read_meta(args.cached_tokens)
+    else:
+        data.check_split(args.data_path, "train")
+
+
+def build_train_dataset(args, model):
+    if not args.cached_tokens:
+        return data.build_image_folder(args, "train", data.pretrain_transform(args.input_size))
+    dataset = CachedTokenDataset(args.cached_tokens, seed=args.seed)
+    meta = dataset.meta
+    if (meta["grid_size"], meta["codebook_size"]) != (model.grid_size, model.codebook_size):
+        raise misc.UsageError(
+            f"--cached_tokens '{args.cached_tokens}' holds {meta['grid_size']}x{meta['grid_size']} tokens from a "
+            f"{meta['codebook_size']}-code tokenizer, but the model expects {model.grid_size}x{model.grid_size} "
+            f"and {model.codebook_size} codes")
+    print(f"train: {len(dataset)} images x {meta['num_views']} cached views from {args.cached_tokens}")
+    return dataset
 
 
 def build_model(args):
@@ -80,6 +103,7 @@ def build_model(args):
 
 
 def main(args):
+    resolve_perf_args(args)
     check_args(args)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
@@ -90,13 +114,14 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
 
     model = build_model(args)
-    dataset_train = data.build_image_folder(args, "train", data.pretrain_transform(args.input_size))
+    dataset_train = build_train_dataset(args, model)
     data_loader_train = data.build_loader(dataset_train, args, train=True)
     if len(data_loader_train) == 0:
         raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
                               f"processes) is smaller than one batch of --batch_size {args.batch_size}")
 
     model.to(device)
+    apply_perf_settings(model, args, device)
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")
     misc.effective_lr(args)
@@ -107,8 +132,7 @@ def main(args):
         model_without_ddp = model.module
 
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95),
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(args, device))
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
     misc.load_model(args, model_without_ddp, optimizer, loss_scaler)

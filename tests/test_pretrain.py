@@ -71,7 +71,8 @@ def test_torchrun_two_processes_trains_and_writes_checkpoints_and_events(tmp_pat
     assert {"train_loss", "lr", "grad_norm", "mask_ratio"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("train_loss")) == 8  # 32 images / (2 x 4) per step, 2 epochs
     grids = events.Images(events.Tags()["images"][0])
-    assert len(grids) == 2 and grids[-1].width == 4 * 32 + 5 * 2 and grids[-1].height == 3 * 32 + 4 * 2
+    # rows: inputs | reconstruction | masked-token prediction | samples, 4 images each, 2-pixel padding
+    assert len(grids) == 2 and grids[-1].width == 4 * 32 + 5 * 2 and grids[-1].height == 4 * 32 + 5 * 2
 
 
 def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_config):
@@ -86,8 +87,9 @@ def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_co
 
     single = load_checkpoint(tmp_path / "single" / "checkpoint-last.pth")
     distributed = load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")
+    misc.seed_everything(0)  # the initial weights of both runs
     start = main_pretrain.build_model(parse(main_pretrain, pretrain_args(data, tmp_path, tokenizer_config)))
-    assert max_abs_difference(single["model"], start.state_dict()) > 1e-5  # the step did move the weights
+    assert max_abs_difference(single["model"], start.state_dict()) > 5e-5  # the step did move the weights
     assert max_abs_difference(single["model"], distributed["model"]) < 1e-5
     moments_single = [s["exp_avg"] for _, s in sorted(single["optimizer"]["state"].items())]
     moments_ddp = [s["exp_avg"] for _, s in sorted(distributed["optimizer"]["state"].items())]

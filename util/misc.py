@@ -3,9 +3,11 @@
 Distributed setup (torchrun, SLURM or a single process), seeding, mixed precision, metric logging with
 progress/ETA, the loss scaler, tensorboard on rank 0, and checkpoint save/resume.
 """
+import argparse
 import builtins
 import contextlib
 import datetime
+import json
 import math
 import os
 import random
@@ -366,14 +368,13 @@ def make_log_writer(args):
     """A tensorboard SummaryWriter on rank 0 when --log_dir is set, else None."""
     if not is_main_process() or not getattr(args, "log_dir", ""):
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # imported lazily: only rank 0 with a log_dir needs it
     os.makedirs(args.log_dir, exist_ok=True)
     return SummaryWriter(log_dir=args.log_dir)
 
 
 def append_log(args, stats):
     """Append one JSON line of epoch stats to output_dir/log.txt (rank 0)."""
-    import json
     if not is_main_process() or not getattr(args, "output_dir", ""):
         return
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
@@ -414,7 +415,6 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
 
 def args_for_checkpoint(args):
     """A copy of args whose values are plain types (torch.device -> str) so weights_only loading accepts it."""
-    import argparse
     plain = argparse.Namespace(**vars(args))
     for key, value in vars(plain).items():
         if isinstance(value, torch.device):
