@@ -3,7 +3,8 @@
     python benchmark.py --model mage_vit_base_patch16 --batch_size 2 --compare
     python benchmark.py --model mage_vit_large_patch16 --batch_size 256 --device cuda --compile
 
-Measures images/s of a pre-training step (forward + backward + AdamW), tokenizer encode and decode,
+Measures images/s of a pre-training step (forward + backward + AdamW) on images and on cached token ids
+(main_cache_tokens.py: no tokenizer in the step), tokenizer encode and decode,
 generation at T=12 and T=20, linear-probe feature extraction; peak memory (GPU: max allocated, CPU: peak
 RSS of this process during the task); model FLOPs per image and, with --peak_tflops, model FLOPs
 utilisation. --compare runs the same work in reference numerics (fp32, explicit softmax attention,
@@ -26,7 +27,7 @@ from models_vit import load_mage_checkpoint_into_classifier
 from util.perf import REFERENCE_NUMERICS, adamw_kwargs, apply_perf_settings
 from util.sampling import decode_tokens, iterative_decode
 
-TASKS = ("pretrain", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
+TASKS = ("pretrain", "pretrain_cached", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
 CLASSIFIER_FOR = {"mage_vit_base_patch16": "vit_base_patch16", "mage_vit_large_patch16": "vit_large_patch16",
                   "mage_vit_tiny_patch16": "vit_tiny_patch16"}
 H200_BF16_DENSE_TFLOPS = 989.0
@@ -140,16 +141,21 @@ def task_steps(args, settings, mage, classifier, device):
         token_ids = mage.tokenize(images)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def pretrain():
-        mage.train()
-        with autocast_for(settings, device):
-            loss, _, _ = mage(images, generator=generator)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(mage.parameters(), 3.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def pretrain_step(cached):
+        def run():
+            mage.train()
+            with autocast_for(settings, device):
+                if cached:
+                    loss, _, _ = mage(None, gt_indices=token_ids, generator=generator)
+                else:
+                    loss, _, _ = mage(images, generator=generator)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(mage.parameters(), 3.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        return run
 
     @torch.no_grad()
     def encode():
@@ -175,8 +181,9 @@ def task_steps(args, settings, mage, classifier, device):
         with autocast_for(settings, device):
             classifier.forward_features(images)
 
-    return {"pretrain": pretrain, "encode": encode, "decode": decode, "generate_T12": generate(12),
-            "generate_T20": generate(20), "linprobe_features": linprobe_features}
+    return {"pretrain": pretrain_step(cached=False), "pretrain_cached": pretrain_step(cached=True),
+            "encode": encode, "decode": decode, "generate_T12": generate(12), "generate_T20": generate(20),
+            "linprobe_features": linprobe_features}
 
 
 def run_mode(args, settings, device, tasks):
@@ -186,7 +193,7 @@ def run_mode(args, settings, device, tasks):
     results = {}
     for name in tasks:
         seconds, memory = time_task(steps[name], device, args.warmup, args.steps)
-        flops = count_flops(steps[name]) if name in ("pretrain", "linprobe_features") else None
+        flops = count_flops(steps[name]) if name in ("pretrain", "pretrain_cached", "linprobe_features") else None
         images_per_s = args.batch_size / seconds
         row = {"images_per_s": images_per_s, "seconds_per_batch": seconds, "peak_memory_mb": memory}
         if flops:

@@ -3,11 +3,15 @@
 `input_fn` maps a loaded batch to what `model` takes: undoing the mean/std normalisation for fine-tuning,
 or frozen backbone features for the linear probe (where `model` is only the trained head).
 """
+import datetime
+import time
+
 import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.datasets import set_epoch
 
 PRINT_FREQ = 20
 
@@ -83,3 +87,43 @@ def evaluate(data_loader, model, device, args, input_fn=None):
     print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f} "
           f"loss {metric_logger.loss.global_avg:.3f}")
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
+        mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
+    """Train for args.start_epoch..args.epochs: one epoch, a checkpoint, an evaluation, logs.
+
+    `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
+    evaluated (default: the unwrapped model). Returns the last evaluation's statistics.
+    """
+    unwrapped = model.module if hasattr(model, "module") else model
+    checkpoint_model = checkpoint_model or unwrapped
+    eval_model = eval_model or unwrapped
+    log_writer = misc.make_log_writer(args)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    max_accuracy, test_stats = 0.0, {}
+    num_val = len(loader_val.dataset)
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            set_epoch(loader_train, epoch)
+            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
+            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                                          max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
+                                          args=args, input_fn=input_fn)
+            misc.save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
+            test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
+            if log_writer is not None:
+                for key in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+                log_writer.flush()
+            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        misc.cleanup_distributed()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return test_stats

@@ -5,9 +5,7 @@ work in that space) and the batch is mapped back to [0, 1] pixels right before t
 --no_normalize skips both.
 """
 import argparse
-import datetime
 import os
-import time
 
 import torch
 from timm.data import Mixup
@@ -19,7 +17,7 @@ import util.datasets as data
 import util.lr_decay as lrd
 import util.misc as misc
 from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings, resolve_perf_args
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import evaluate, fit
 
 
 def get_args_parser():
@@ -192,34 +190,8 @@ def main(args):
         misc.cleanup_distributed()
         return test_stats
 
-    log_writer = misc.make_log_writer(args)
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    max_accuracy, test_stats = 0.0, {}
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            data.set_epoch(loader_train, epoch)
-            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                          max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer,
-                                          args=args, input_fn=input_fn)
-            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-            test_stats = evaluate(loader_val, model_without_ddp, device, args, input_fn)
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            print(f"Accuracy on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%  "
-                  f"(max {max_accuracy:.2f}%)")
-            if log_writer is not None:
-                for key in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-                log_writer.flush()
-            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-        misc.cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    return test_stats
+    return fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=input_fn,
+               mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":

@@ -334,8 +334,17 @@ def mage_vit_tiny_patch16(**kwargs):
     return _mage(64, 2, 4, **kwargs)
 
 
+def mage_vit_demo(**kwargs):
+    """Preset of the built-in demo (demo.py): a small ViT over config/vqgan_demo.yaml's tokens."""
+    kwargs.setdefault("vqgan_config", "config/vqgan_demo.yaml")
+    kwargs.setdefault("decoder_depth", 2)
+    kwargs.setdefault("decoder_num_heads", 4)
+    return _mage(192, 6, 4, **kwargs)
+
+
 MODELS = {
     "mage_vit_base_patch16": mage_vit_base_patch16,
     "mage_vit_large_patch16": mage_vit_large_patch16,
     "mage_vit_tiny_patch16": mage_vit_tiny_patch16,
+    "mage_vit_demo": mage_vit_demo,
 }

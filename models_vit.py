@@ -91,10 +91,17 @@ def vit_tiny_patch16(**kwargs):
     return _vit(64, 2, 4, **kwargs)
 
 
+def vit_demo(**kwargs):
+    """Classifier matching mage_vit_demo's encoder (demo.py)."""
+    kwargs.setdefault("vqgan_config", "config/vqgan_demo.yaml")
+    return _vit(192, 6, 4, **kwargs)
+
+
 MODELS = {
     "vit_base_patch16": vit_base_patch16,
     "vit_large_patch16": vit_large_patch16,
     "vit_tiny_patch16": vit_tiny_patch16,
+    "vit_demo": vit_demo,
 }
 
 

@@ -4,7 +4,6 @@ This is the architecture of `vqgan_jax_strongaug.ckpt` (converted from JAX), not
 no attention blocks, bias-free 3x3 convolutions inside residual blocks, average-pool downsampling,
 and `num_res_blocks` (not +1) blocks per decoder level.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -6,6 +6,7 @@ Transformers", eq. 7: the ratio of gradient norms at the decoder's last layer).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.vgg import cfgs, make_layers
 
 from util.checkpoint import CheckpointError, load_checkpoint
 
@@ -75,10 +76,9 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights_path):
         super().__init__()
-        from torchvision.models import vgg16
         state = load_checkpoint(weights_path)
         state = state.get("state_dict", state)
-        features = vgg16(weights=None).features[:VGG16_TAPS[-1] + 1]
+        features = make_layers(cfgs["D"])[:VGG16_TAPS[-1] + 1]  # the layers of torchvision's vgg16().features
         feature_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         expected = set(features.state_dict())
         if not expected.issubset(feature_state):
