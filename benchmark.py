@@ -8,7 +8,8 @@ Measures images/s of a pre-training step (forward + backward + AdamW) on images 
 generation at T=12 and T=20, linear-probe feature extraction; peak memory (GPU: max allocated, CPU: peak
 RSS of this process during the task); model FLOPs per image and, with --peak_tflops, model FLOPs
 utilisation. --compare runs the same work in reference numerics (fp32, explicit softmax attention,
-contiguous NCHW, no compile) and in the fast mode, in one process, and prints the ratios.
+contiguous NCHW, no compile) and in the fast mode, in one process, alternating the two call by call, and
+prints the ratios.
 """
 import argparse
 import contextlib
@@ -98,17 +99,18 @@ def peak_memory_mb(device):
     return float("nan")
 
 
-def time_task(step, device, warmup, steps):
-    """Mean seconds per call of step() and the peak memory while it ran."""
-    for _ in range(warmup):
+def time_calls(step, device, repeats):
+    """Seconds of each of `repeats` calls of step() and the peak memory over them."""
+    seconds, peak = [], 0.0
+    for _ in range(repeats):
+        synchronize(device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
         step()
-    synchronize(device)
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps, peak_memory_mb(device)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        peak = max(peak, peak_memory_mb(device))
+    return seconds, peak
 
 
 def count_flops(step):
@@ -186,23 +188,36 @@ def task_steps(args, settings, mage, classifier, device):
             "linprobe_features": linprobe_features}
 
 
-def run_mode(args, settings, device, tasks):
-    mage, classifier = build_models(args, settings, device)
-    steps = task_steps(args, settings, mage, classifier, device)
+def run_modes(args, modes, device, tasks):
+    """Time every task in every mode. The modes alternate call by call, so that a change of machine load
+    during the run affects them alike and their ratio stays meaningful."""
+    steps = {}
+    for settings in modes:
+        mage, classifier = build_models(args, settings, device)
+        steps[settings.name] = task_steps(args, settings, mage, classifier, device)
     peak_tflops = args.peak_tflops or (H200_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
-    results = {}
+    results = {settings.name: {} for settings in modes}
     for name in tasks:
-        seconds, memory = time_task(steps[name], device, args.warmup, args.steps)
-        flops = count_flops(steps[name]) if name in ("pretrain", "pretrain_cached", "linprobe_features") else None
-        images_per_s = args.batch_size / seconds
-        row = {"images_per_s": images_per_s, "seconds_per_batch": seconds, "peak_memory_mb": memory}
-        if flops:
-            row["gflops_per_image"] = flops / args.batch_size / 1e9
-            if peak_tflops:
-                row["mfu"] = flops / seconds / (peak_tflops * 1e12)
-        results[name] = row
-        print(f"  [{settings.name}] {name:18s} {images_per_s:9.3f} img/s  {memory:9.0f} MB", flush=True)
-    del mage, classifier
+        timings = {settings.name: ([], 0.0) for settings in modes}
+        for settings in modes:
+            time_calls(steps[settings.name][name], device, args.warmup)
+        for _ in range(args.steps):
+            for settings in modes:
+                seconds, peak = time_calls(steps[settings.name][name], device, 1)
+                previous_seconds, previous_peak = timings[settings.name]
+                timings[settings.name] = (previous_seconds + seconds, max(previous_peak, peak))
+        for settings in modes:
+            seconds, memory = timings[settings.name]
+            mean_seconds = sum(seconds) / len(seconds)
+            row = {"images_per_s": args.batch_size / mean_seconds, "seconds_per_batch": mean_seconds,
+                   "peak_memory_mb": memory}
+            if name in ("pretrain", "pretrain_cached", "linprobe_features"):
+                flops = count_flops(steps[settings.name][name])
+                row["gflops_per_image"] = flops / args.batch_size / 1e9
+                if peak_tflops:
+                    row["mfu"] = flops / mean_seconds / (peak_tflops * 1e12)
+            results[settings.name][name] = row
+            print(f"  [{settings.name}] {name:18s} {row['images_per_s']:9.3f} img/s  {memory:9.0f} MB", flush=True)
     return results
 
 
@@ -229,12 +244,11 @@ def main(args):
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-    modes = [True] if args.reference_only else ([True, False] if args.compare else [False])
-    results = {}
-    for reference in modes:
-        settings = mode_settings(args, reference)
+    references = [True] if args.reference_only else ([True, False] if args.compare else [False])
+    modes = [mode_settings(args, reference) for reference in references]
+    for settings in modes:
         print(f"{settings.name}: {vars(settings)}", flush=True)
-        results[settings.name] = run_mode(args, settings, device, tasks)
+    results = run_modes(args, modes, device, tasks)
     print_table(results, compare=len(modes) == 2)
     record = {"config": vars(args), "device_name": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "results": results}
