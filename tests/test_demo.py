@@ -1,0 +1,112 @@
+"""The built-in demo: `demo.py --quick` runs every stage, writes summary.json and the pictures, resumes after an
+interruption and skips finished stages on a rerun."""
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+import demo
+from conftest import REPO_ROOT
+
+PICTURES = ("reconstructions.png", "samples.png", "samples_by_class.png", "inpainting.png", "loss_curves.png")
+
+
+def demo_command(out, *extra):
+    return [sys.executable, "demo.py", "--quick", "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(output dir, whether the first run was interrupted, the completing run, a rerun).
+
+    The first run is killed as soon as pre-training has saved its first epoch; the second must continue it."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    checkpoint = out / "pretrain" / "checkpoint-last.pth"
+    with open(tmp_path_factory.getbasetemp() / "demo_first_run.log", "w") as log:
+        first = subprocess.Popen(demo_command(out), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while first.poll() is None and not checkpoint.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        interrupted = first.poll() is None
+        first.kill()
+        first.wait()
+    second = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    third = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    return out, interrupted, second, third
+
+
+def test_every_stage_reports_its_numbers(runs):
+    out, _, second, _ = runs
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == list(demo.STAGES)
+    for name, stage in summary["stages"].items():
+        assert stage["time_s"] >= 0 and stage["result"], name
+    assert 5.0 < summary["tokenizer_psnr_db"] < 60.0
+    assert 0.0 < summary["tokenizer_codebook_usage_pct"] <= 100.0
+    assert math.isfinite(summary["pretrain_final_loss"])
+    assert summary["stages"]["pretrain"]["result"]["epochs"] == demo.PRESETS["quick"]["pretrain"]["epochs"]
+    for key in ("linprobe_acc", "raw_pixel_acc", "classifier_val_acc"):
+        assert 0.0 <= summary[key] <= 100.0, key
+    histogram = summary["sample_class_histogram"]
+    assert len(histogram) == 8 and math.isclose(sum(histogram.values()), 1.0, abs_tol=1e-6)
+    assert summary["samples_collapsed"] == (min(histogram.values()) < demo.MIN_CLASS_FRACTION)
+    fid = summary["fid"]
+    assert ("skipped" in fid and "Inception" in fid["skipped"]) or math.isfinite(fid["fid"])
+    # the progress log names every stage, and the table ends the run
+    for index, name in enumerate(demo.STAGES, 1):
+        assert f"[{index}/{len(demo.STAGES)}] {name}" in second.stdout
+    table = second.stdout[second.stdout.index("\nstage "):]
+    assert all(f"\n{name} " in table for name in demo.STAGES) and "\ntotal " in table
+
+
+def test_pictures_are_written(runs):
+    out = runs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["pictures"]) == sorted(f"pictures/{name}" for name in PICTURES)
+    for name in PICTURES:
+        with Image.open(out / "pictures" / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 64, name
+            low, high = picture.convert("L").getextrema()
+            assert high - low > 20, f"{name} is blank"
+
+
+def test_interrupted_run_continues_instead_of_starting_over(runs):
+    _, interrupted, second, _ = runs
+    assert interrupted, "the first run finished before it could be interrupted"
+    log = second.stdout
+    assert "data: make the dataset: done earlier, skipped" in log
+    assert "tokenizer: train the VQGAN tokenizer: done earlier, skipped" in log
+    assert "pre-train MAGE on the tokens (continuing an interrupted run)" in log
+    assert "Resumed optimizer and scaler; continuing at epoch" in log
+    assert "cached the tokens of" not in log  # the first run's token cache is reused
+
+
+def test_rerun_skips_every_stage_and_keeps_the_summary(runs):
+    out, _, second, third = runs
+    for index, name in enumerate(demo.STAGES, 1):
+        assert f"[{index}/{len(demo.STAGES)}] {name}: {demo.TITLES[name]}: done earlier, skipped" in third.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(stage["skipped"] for stage in summary["stages"].values())
+    assert "Epoch:" not in third.stdout
+
+
+def test_changed_settings_redo_a_stage(tmp_path):
+    args = demo.get_args_parser().parse_args(["--quick", "--device", "cpu", "--output_dir", str(tmp_path),
+                                              "--stop_after", "data"])
+    first = demo.Demo(args)
+    first.run()
+    image = tmp_path / "data" / "train" / "0_disc" / "00000.png"
+    before = image.read_bytes()
+    again = demo.Demo(args)
+    again.run()
+    assert again.skipped == ["data"] and image.read_bytes() == before
+    args.seed = 1
+    changed = demo.Demo(args)
+    changed.run()
+    assert changed.skipped == [] and image.read_bytes() != before
