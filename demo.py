@@ -64,10 +64,10 @@ PRESETS = {
     "default": {
         "data": {"num_train": 500, "num_val": 60},
         "tokenizer": {"flags": []},
-        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 24, "batch_size": 64, "lr": 1.5e-3,
-                     "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0},
-        "generate": {"num_images": 256, "num_iter": 12, "temp": 4.5, "batch_size": 64, "num_inpaint": 8},
-        "probe": {"epochs": 90, "batch_size": 256, "blr": 0.1, "warmup_epochs": 10},
+        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 6, "batch_size": 32, "lr": 2e-3,
+                     "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0},
+        "generate": {"num_images": 192, "num_iter": 12, "temp": 4.5, "batch_size": 64, "num_inpaint": 8},
+        "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
         "classes": {"epochs": 6, "batch_size": 64},
     },
     "quick": {
@@ -76,7 +76,7 @@ PRESETS = {
         "pretrain": {"model": "mage_vit_demo", "num_views": 1, "epochs": 3, "batch_size": 16, "lr": 1.5e-3,
                      "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0},
         "generate": {"num_images": 16, "num_iter": 4, "temp": 4.5, "batch_size": 16, "num_inpaint": 4},
-        "probe": {"epochs": 3, "batch_size": 64, "blr": 0.1, "warmup_epochs": 1},
+        "probe": {"epochs": 3, "batch_size": 64, "blr": 1.0, "warmup_epochs": 1},
         "classes": {"epochs": 2, "batch_size": 64},
     },
 }

@@ -67,3 +67,9 @@ def test_raw_pixel_probe_is_far_from_perfect(tmp_path):
     accuracy, _ = fit_linear_probe(*load_split_arrays(tmp_path, "train"), *load_split_arrays(tmp_path, "val"),
                                    weight_decays=(1e-2,))
     assert 1.0 / len(CLASSES) < accuracy < 0.75
+
+
+def test_regenerating_with_other_settings_replaces_the_images(tmp_path):
+    generate(tmp_path, num_train=4, num_val=2, size=16, seed=0)
+    generate(tmp_path, num_train=2, num_val=1, size=16, seed=0)
+    assert np.bincount(ImageFolder(os.path.join(tmp_path, "train")).targets).tolist() == [2] * len(CLASSES)

@@ -9,6 +9,7 @@ same files, and any subset can be regenerated alone.
     python -m util.synthetic_data --output_dir data/shapes --baseline # also fit the raw-pixel linear probe
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -151,10 +152,13 @@ def generate(output_dir, num_train=500, num_val=60, size=32, num_classes=len(CLA
         with open(info_path) as f:
             if json.load(f) == info:
                 return info
+        os.remove(info_path)
     for split, per_class in info["per_class"].items():
         for label, folder_name in enumerate(info["classes"]):
             folder = os.path.join(output_dir, split, folder_name)
             os.makedirs(folder, exist_ok=True)
+            for stale in glob.glob(os.path.join(folder, "*.png")):  # images of an earlier, different run
+                os.remove(stale)
             for index in range(per_class):
                 image = render_image(label, size, image_rng(seed, split, label, index))
                 image.save(os.path.join(folder, f"{index:05d}.png"))
