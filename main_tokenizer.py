@@ -23,7 +23,7 @@ from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_ch
 from util.datasets import build_image_folder, build_loader, set_epoch
 
 # --quick: the same recipe on a shorter schedule (the test suite and `demo.py --quick`).
-QUICK_OVERRIDES = {"epochs": 1, "warmup_epochs": 0.1}
+QUICK_OVERRIDES = {"epochs": 1}
 GRID_IMAGES = 8
 
 

@@ -25,6 +25,15 @@ TINY_CONFIG = {"model": {"params": {"embed_dim": 16, "n_embed": 64, "ddconfig": 
 STEPS_PER_EPOCH = 4  # 8 classes x 4 images / batch 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads per process collapse under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def read_log(output_dir):
     with open(os.path.join(output_dir, "log.txt")) as f:
         return [json.loads(line) for line in f]
