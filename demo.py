@@ -42,7 +42,8 @@ import gen_img_uncond
 import main_linprobe
 import main_pretrain
 import main_tokenizer
-from engine_tokenizer import METRICS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+import models_vit
+from engine_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from taming.models.vqgan import build_vqgan, load_vqgan_config, token_grid_size
 from util import misc
 from util import synthetic_data
@@ -200,7 +201,6 @@ class Demo:
                 "--device", self.device, "--seed", self.args.seed, "--num_workers", 0, "--print_freq", 10,
                 "--auto_resume"]
         metrics = run_script(main_tokenizer, argv + self.preset["tokenizer"]["flags"])
-        metrics = read_json(os.path.join(folder, METRICS_FILE)) if metrics is None else metrics
         self.reconstruction_picture()
         return {"psnr_db": metrics["psnr"], "codebook_usage_pct": metrics["codebook_usage"],
                 "perplexity": metrics["perplexity"], "codes": self.vqgan_settings["n_embed"],
@@ -279,8 +279,7 @@ class Demo:
         run_script(edit_img, self.generator_args(preset) + [
             "--mode", "inpaint", "--input", inputs, "--box", low, low, high, high,
             "--output_dir", os.path.join(folder, "inpaint")])
-        enlarge(os.path.join(folder, "inpaint", "grid_inpaint.png"), self.path("pictures", "inpainting.png"),
-                self.scale())
+        self.inpainting_picture(os.path.join(folder, "inpaint", "grid_inpaint.png"), preset["num_inpaint"])
 
     def stage_probe(self, folder):
         preset = self.preset["probe"]
@@ -295,10 +294,29 @@ class Demo:
             "--seed", self.args.seed, "--num_workers", 0])
         if not stats:  # resumed after its last epoch: its log has the final accuracy
             stats = {"acc1": json.loads(open(os.path.join(folder, "linprobe", "log.txt")).readlines()[-1])["test_acc1"]}
-        print("raw-pixel baseline: logistic regression on the pixels of the same split ...")
+        print("logistic regression (util.synthetic_data.fit_linear_probe) on MAGE features and on raw pixels ...")
+        mage_acc, mage_wd = synthetic_data.fit_linear_probe(*self.mage_features())
         pixel_acc, pixel_wd = synthetic_data.raw_pixel_baseline(self.data_root())
-        return {"linprobe_acc": stats["acc1"], "raw_pixel_acc": 100 * pixel_acc, "raw_pixel_weight_decay": pixel_wd,
+        return {"mage_logreg_acc": 100 * mage_acc, "raw_pixel_logreg_acc": 100 * pixel_acc,
+                "weight_decay": {"mage": mage_wd, "raw_pixels": pixel_wd}, "linprobe_lars_acc": stats["acc1"],
                 "chance_acc": 100 / num_classes}
+
+    @torch.no_grad()
+    def mage_features(self):
+        """(train features, labels, val features, labels): the pre-trained encoder's mean-pooled features of the
+        whole images (what pre-training saw; main_linprobe.py resizes and center-crops)."""
+        model = models_vit.vit_demo(num_classes=len(self.results["data"]["classes"]), global_pool=True,
+                                    vqgan_config=self.tokenizer_files()[1])
+        models_vit.load_mage_checkpoint_into_classifier(model, self.mage_checkpoint())
+        amp = misc.default_amp()
+        model.to(self.device).eval().vqgan.set_inference_mode(AMP_TOKENIZER_DTYPES[amp], channels_last=True)
+        arrays = []
+        for split in ("train", "val"):
+            images, labels = self.split_images(split)
+            with misc.autocast(self.device, amp):
+                features = [model.forward_features(batch.to(self.device)).float().cpu() for batch in images.split(256)]
+            arrays += [torch.cat(features), labels]
+        return arrays
 
     def split_images(self, split):
         """(N, 3, R, R) float images in [0, 1] and labels of a split, ImageFolder order."""
@@ -371,6 +389,20 @@ class Demo:
         rows = [originals[:half], reconstructions[:half], originals[half:], reconstructions[half:]]
         save_rows([r for r in rows if len(r)], self.path("pictures", "reconstructions.png"), self.scale())
 
+    def inpainting_picture(self, grid_path, count, pad=2):
+        """edit_img's grid (one row per image: input | kept tokens | result) turned into three rows."""
+        with Image.open(grid_path) as grid:
+            grid = torch.from_numpy(np.array(grid.convert("RGB"))).permute(2, 0, 1).float().div(255)
+        side = self.resolution
+
+        def cell(row, column):
+            top, left = pad + row * (side + pad), pad + column * (side + pad)
+            return grid[:, top:top + side, left:left + side]
+
+        rows = [torch.stack([cell(k, column) for k in range(count)]) for column in range(3)]
+        save_rows(rows, self.path("pictures", "inpainting.png"), self.scale(),
+                  labels=["input", "kept tokens", "inpainted"])
+
     def samples_by_class_picture(self, samples, predicted, classes, per_row=10):
         rows = [samples[predicted == c][:per_row] for c in range(len(classes))]
         save_rows(rows, self.path("pictures", "samples_by_class.png"), self.scale(),
@@ -393,7 +425,8 @@ class Demo:
             "preset": "quick" if self.args.quick else "default", "device": self.device,
             "tokenizer_psnr_db": tokenizer["psnr_db"], "tokenizer_codebook_usage_pct": tokenizer["codebook_usage_pct"],
             "pretrain_final_loss": self.results["pretrain"]["final_loss"],
-            "linprobe_acc": probe["linprobe_acc"], "raw_pixel_acc": probe["raw_pixel_acc"],
+            "linprobe_acc": probe["mage_logreg_acc"], "raw_pixel_acc": probe["raw_pixel_logreg_acc"],
+            "linprobe_lars_acc": probe["linprobe_lars_acc"],
             "sample_class_histogram": classes["histogram"], "samples_collapsed": classes["collapsed"],
             "classifier_val_acc": classes["classifier_val_acc"], "fid": self.results["fid"],
             "stages": {name: {"result": self.results[name], "time_s": self.times[name],
@@ -434,8 +467,9 @@ def describe(name, result):
     if name == "generate":
         return f"{result['num_images']} samples, {result['num_iter']} steps, temperature {result['temp']:g}"
     if name == "probe":
-        return (f"MAGE linear probe {result['linprobe_acc']:.1f}% vs raw pixels {result['raw_pixel_acc']:.1f}% "
-                f"(val accuracy; chance {result['chance_acc']:.1f}%)")
+        return (f"MAGE features {result['mage_logreg_acc']:.1f}% vs raw pixels {result['raw_pixel_logreg_acc']:.1f}% "
+                f"(logistic regression); main_linprobe {result['linprobe_lars_acc']:.1f}%; chance "
+                f"{result['chance_acc']:.1f}%")
     if name == "classes":
         verdict = "collapsed" if result["collapsed"] else "not collapsed"
         return (f"rarest sample class {100 * result['min_class_fraction']:.1f}% ({verdict}); classifier val "

@@ -51,7 +51,7 @@ def test_every_stage_reports_its_numbers(runs):
     assert 0.0 < summary["tokenizer_codebook_usage_pct"] <= 100.0
     assert math.isfinite(summary["pretrain_final_loss"])
     assert summary["stages"]["pretrain"]["result"]["epochs"] == demo.PRESETS["quick"]["pretrain"]["epochs"]
-    for key in ("linprobe_acc", "raw_pixel_acc", "classifier_val_acc"):
+    for key in ("linprobe_acc", "raw_pixel_acc", "linprobe_lars_acc", "classifier_val_acc"):
         assert 0.0 <= summary[key] <= 100.0, key
     histogram = summary["sample_class_histogram"]
     assert len(histogram) == 8 and math.isclose(sum(histogram.values()), 1.0, abs_tol=1e-6)
