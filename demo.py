@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402  (the OpenMP setting must precede the torch import)
+import copy
 import glob
 import json
 import math
@@ -98,6 +99,8 @@ def get_args_parser():
     parser.add_argument("--fid_weights", default="",
                         help="torch-fidelity Inception weights file (default: the torch hub cache); without "
                              "them the FID/IS stage is skipped")
+    parser.add_argument("--pretrain_epochs", default=0, type=int,
+                        help="MAGE pre-training epochs instead of the preset's (more compute, better samples)")
     parser.add_argument("--stop_after", default="", choices=("",) + STAGES,
                         help="stop after this stage (a later run continues from there)")
     return parser
@@ -132,7 +135,11 @@ class Demo:
     def __init__(self, args):
         self.args = args
         self.out = os.path.abspath(args.output_dir)
-        self.preset = PRESETS["quick" if args.quick else "default"]
+        self.preset = copy.deepcopy(PRESETS["quick" if args.quick else "default"])
+        if args.pretrain_epochs < 0:
+            raise SystemExit(f"demo: --pretrain_epochs must be >= 0, got {args.pretrain_epochs}")
+        if args.pretrain_epochs:
+            self.preset["pretrain"]["epochs"] = args.pretrain_epochs
         if args.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:

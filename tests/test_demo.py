@@ -110,3 +110,15 @@ def test_changed_settings_redo_a_stage(tmp_path):
     changed = demo.Demo(args)
     changed.run()
     assert changed.skipped == [] and image.read_bytes() != before
+
+
+def test_pretrain_epochs_overrides_only_the_pretraining_schedule(tmp_path):
+    parse = demo.get_args_parser().parse_args
+    plain = demo.Demo(parse(["--quick", "--output_dir", str(tmp_path)]))
+    longer = demo.Demo(parse(["--quick", "--output_dir", str(tmp_path), "--pretrain_epochs", "7"]))
+    assert longer.preset["pretrain"]["epochs"] == 7
+    assert plain.preset["pretrain"]["epochs"] == demo.PRESETS["quick"]["pretrain"]["epochs"] != 7
+    assert {k: v for k, v in longer.preset.items() if k != "pretrain"} == \
+        {k: v for k, v in plain.preset.items() if k != "pretrain"}
+    with pytest.raises(SystemExit, match="pretrain_epochs"):
+        demo.Demo(parse(["--quick", "--output_dir", str(tmp_path), "--pretrain_epochs", "-1"]))
