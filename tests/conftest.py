@@ -48,6 +48,18 @@ def write_image_folder(root, splits=(("train", 8), ("val", 4)), num_classes=4, s
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: on a shared 2-core machine two threads per process collapse under
+    load."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 4-class ImageFolder (train 8/class, val 4/class, 64x64) in a temporary folder."""

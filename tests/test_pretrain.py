@@ -17,13 +17,7 @@ from train_support import (max_abs_difference, model_state, parse, pretrain_args
 from util.checkpoint import CheckpointError, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread like the subprocess runs (OMP_NUM_THREADS=1): same float arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

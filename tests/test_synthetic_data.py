@@ -5,20 +5,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from util.synthetic_data import CLASSES, fit_linear_probe, generate, image_rng, load_split_arrays, render_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process collapse under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def folder_digest(root):

@@ -25,13 +25,7 @@ TINY_CONFIG = {"model": {"params": {"embed_dim": 16, "n_embed": 64, "ddconfig": 
 STEPS_PER_EPOCH = 4  # 8 classes x 4 images / batch 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process collapse under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_log(output_dir):
