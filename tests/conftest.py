@@ -1,9 +1,10 @@
-"""Shared fixtures: repository root on sys.path, tiny synthetic ImageFolder data."""
+"""Shared fixtures: repository root on sys.path, tiny synthetic ImageFolder data, one torch thread per module."""
 import os
 import random
 import sys
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,9 +52,7 @@ def write_image_folder(root, splits=(("train", 8), ("val", 4)), num_classes=4, s
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a test module: on a shared 2-core machine two threads per process collapse under
-    load."""
-    import torch
-
+    load, and in-process runs then do the same float arithmetic as the subprocess runs (OMP_NUM_THREADS=1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
