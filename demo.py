@@ -502,6 +502,9 @@ def print_table(summary):
               f"load average {summary['load_average']['start'][0]:.2f} at start, "
               f"{summary['load_average']['end'][0]:.2f} at end ({summary['cpu_count']} CPUs, device "
               f"{summary['device']})"]
+    if summary["samples_collapsed"]:
+        lines.append("the samples are collapsed: recognisable samples need much more MAGE pre-training (e.g. the "
+                     "default run with --pretrain_epochs 40, about 50 min on 2 CPU cores; see the README's demo section)")
     print("\n" + "\n".join(lines))
 
 
