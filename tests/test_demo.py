@@ -122,3 +122,13 @@ def test_pretrain_epochs_overrides_only_the_pretraining_schedule(tmp_path):
         {k: v for k, v in plain.preset.items() if k != "pretrain"}
     with pytest.raises(SystemExit, match="pretrain_epochs"):
         demo.Demo(parse(["--quick", "--output_dir", str(tmp_path), "--pretrain_epochs", "-1"]))
+
+
+def test_summary_table_points_to_more_pretraining_only_when_samples_collapse(runs, capsys):
+    out = runs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    for collapsed in (True, False):
+        demo.print_table({**summary, "samples_collapsed": collapsed})
+        printed = capsys.readouterr().out
+        assert ("--pretrain_epochs 40" in printed) == collapsed
+        assert "disc" in printed and "total" in printed
