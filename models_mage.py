@@ -339,7 +339,7 @@ def mage_vit_demo(**kwargs):
     kwargs.setdefault("vqgan_config", "config/vqgan_demo.yaml")
     kwargs.setdefault("decoder_depth", 2)
     kwargs.setdefault("decoder_num_heads", 4)
-    return _mage(192, 6, 4, **kwargs)
+    return _mage(128, 6, 4, **kwargs)
 
 
 MODELS = {

@@ -94,7 +94,7 @@ def vit_tiny_patch16(**kwargs):
 def vit_demo(**kwargs):
     """Classifier matching mage_vit_demo's encoder (demo.py)."""
     kwargs.setdefault("vqgan_config", "config/vqgan_demo.yaml")
-    return _vit(192, 6, 4, **kwargs)
+    return _vit(128, 6, 4, **kwargs)
 
 
 MODELS = {

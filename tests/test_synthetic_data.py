@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from util.synthetic_data import CLASSES, fit_linear_probe, generate, image_rng, load_split_arrays, render_image
+from util.synthetic_data import (BACKGROUND_COLOURS, CLASSES, LUMA, MIN_CONTRAST, OBJECT_COLOURS, fit_linear_probe,
+                                 generate, image_rng, load_split_arrays, render_image)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,6 +63,23 @@ def test_images_vary_within_a_class():
     mean_colours = np.array([image.mean(axis=(0, 1)) for image in images])
     assert mean_colours.std(axis=0).min() > 10  # colour varies
     assert all(np.abs(a - b).mean() > 10 for a, b in zip(images, images[1:]))
+
+
+def test_flat_palette_colours_with_a_lighter_object():
+    """Backgrounds are one flat palette colour and objects a lighter palette colour: the tokenizer then needs
+    one code per flat region instead of a spread of shades."""
+    backgrounds, objects = set(), set()
+    for k in range(40):
+        image = np.asarray(render_image(0, 32, image_rng(0, "train", 0, k)), dtype=float).reshape(-1, 3)
+        colours, counts = np.unique(image, axis=0, return_counts=True)
+        background, fill = colours[counts.argmax()], image[np.abs(image - colours[counts.argmax()]).sum(1).argmax()]
+        assert counts.max() > 0.5 * len(image)  # a flat background covers most of a disc image
+        assert any((background == c).all() for c in BACKGROUND_COLOURS)
+        assert any((fill == c).all() for c in OBJECT_COLOURS)
+        assert (fill - background) @ LUMA >= MIN_CONTRAST
+        backgrounds.add(tuple(background))
+        objects.add(tuple(fill))
+    assert len(backgrounds) >= 4 and len(objects) >= 4
 
 
 def test_raw_pixel_probe_is_far_from_perfect(tmp_path):

@@ -1,9 +1,10 @@
 """The built-in dataset: procedural shapes and textures written as a labelled ImageFolder (train/ and val/).
 
-Each class differs in what a tokenizer can see (shape, count or texture); colour, position, scale, rotation
-and background vary at random, so a linear classifier on raw pixels does clearly worse than one on features
-that know about shapes. Every image is a pure function of (seed, split, class, index): rerunning writes the
-same files, and any subset can be regenerated alone.
+Each class differs in what a tokenizer can see (shape, count, texture or layout); position, scale, rotation,
+the object colour (8 colours) and the flat background colour (6 colours) vary at random, so a linear
+classifier on raw pixels does clearly worse than one on features that know about shapes. Every image is a
+pure function of (seed, split, class, index): rerunning writes the same files, and any subset can be
+regenerated alone.
 
     python -m util.synthetic_data --output_dir data/shapes            # 8 classes, 32x32, 500/60 per class
     python -m util.synthetic_data --output_dir data/shapes --baseline # also fit the raw-pixel linear probe
@@ -19,39 +20,28 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-CLASSES = ("disc", "square", "triangle", "ring", "cross", "pair", "stripes", "checker")
+CLASSES = ("disc", "square", "triangle", "ring", "cross", "pair", "stripes", "half")
 SPLIT_IDS = {"train": 0, "val": 1}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: anti-aliased edges instead of jagged ones
 INFO_FILE = "dataset.json"
 
 
 LUMA = np.array([0.299, 0.587, 0.114])
+# Flat colours from small palettes. Continuous colours and gradients would make the tokenizer spend its codes
+# on shades (a flat region then maps to several neighbouring codes) and MAGE on learning those shades.
+OBJECT_COLOURS = np.array([[230, 60, 50], [250, 200, 40], [60, 190, 80], [70, 130, 240], [240, 240, 240],
+                           [200, 90, 220], [250, 140, 30], [90, 220, 220]], dtype=float)
+BACKGROUND_COLOURS = np.array([[20, 20, 30], [40, 60, 110], [90, 30, 40], [30, 80, 50], [100, 100, 100],
+                               [70, 40, 100]], dtype=float)
+MIN_CONTRAST = 60.0  # luma: objects are always lighter than their background
 
 
-def _colour(rng, high=256):
-    return rng.integers(0, high, size=3).astype(float)
-
-
-def _foreground_colour(rng, background, min_contrast=60.0):
-    """A random colour at least `min_contrast` brighter (luma) than `background`. Objects are always lighter
-    than their background: with random polarity too, a raw-pixel linear probe falls to near chance."""
-    for _ in range(200):
-        colour = _colour(rng)
-        if (colour - background) @ LUMA >= min_contrast:
-            return colour
-    return np.full(3, 255.0)
-
-
-def _background(rng, size):
-    """A dark-to-mid flat colour or linear gradient in a random direction: ((size, size, 3) float, mean colour)."""
-    first = _colour(rng, 160)
-    if rng.random() < 0.4:
-        return np.broadcast_to(first, (size, size, 3)).copy(), first
-    second = np.clip(first + rng.normal(0, 40, size=3), 0, 159)
-    angle = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
-    t = (np.cos(angle) * xs + np.sin(angle) * ys + 0.5)[..., None].clip(0, 1)
-    return first * (1 - t) + second * t, (first + second) / 2
+def _colours(rng):
+    """(background, object) colours: a random pair from the palettes with the object at least MIN_CONTRAST
+    brighter. With random polarity too, a raw-pixel linear probe would fall to near chance."""
+    background = BACKGROUND_COLOURS[rng.integers(len(BACKGROUND_COLOURS))]
+    lighter = OBJECT_COLOURS[(OBJECT_COLOURS - background) @ LUMA >= MIN_CONTRAST]
+    return background, lighter[rng.integers(len(lighter))]
 
 
 def _rotated(points, center, angle):
@@ -100,22 +90,16 @@ def _draw_shape(name, draw, size, rng):
         _disc(draw, first, small, fill)
         _disc(draw, second, small, fill)
     elif name == "stripes":
-        period = rng.uniform(0.22, 0.34) * size
+        period = rng.uniform(0.3, 0.42) * size
         x = rng.uniform(0, period) - size  # coordinates relative to the image centre, before rotation
         while x < size:
             band = [(x, -size), (x + period / 2, -size), (x + period / 2, size), (x, size)]
             draw.polygon(_rotated(band, (size / 2, size / 2), angle), fill=fill)
             x += period
-    elif name == "checker":
-        cell = rng.uniform(0.2, 0.3) * size
-        offset = rng.uniform(0, 2 * cell, size=2) - size
-        tilt = rng.uniform(-0.35, 0.35)
-        count = math.ceil(2 * size / cell) + 1
-        for i in range(count):
-            for j in range(i % 2, count, 2):
-                x, y = offset[0] + i * cell, offset[1] + j * cell
-                square = [(x, y), (x + cell, y), (x + cell, y + cell), (x, y + cell)]
-                draw.polygon(_rotated(square, (size / 2, size / 2), tilt), fill=fill)
+    elif name == "half":  # layout: the object colour fills one side of a line near the centre
+        offset = rng.uniform(-0.15, 0.15) * size
+        side = [(offset, -size), (size, -size), (size, size), (offset, size)]
+        draw.polygon(_rotated(side, (size / 2, size / 2), angle), fill=fill)
     else:
         raise ValueError(f"unknown class '{name}'")
 
@@ -123,9 +107,8 @@ def _draw_shape(name, draw, size, rng):
 def render_image(label, size, rng):
     """One image of class CLASSES[label] as an RGB PIL image of (size x size)."""
     big = size * SUPERSAMPLE
-    background, mean_background = _background(rng, big)
-    fill = _foreground_colour(rng, mean_background)
-    # The class content is drawn as a mask so that the ring's hole shows the background (gradient included).
+    background, fill = _colours(rng)
+    # The class content is drawn as a mask so that the ring's hole shows the background.
     mask = Image.new("L", (big, big), 0)
     _draw_shape(CLASSES[label], ImageDraw.Draw(mask), big, rng)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
