@@ -27,8 +27,8 @@ INFO_FILE = "dataset.json"
 
 
 LUMA = np.array([0.299, 0.587, 0.114])
-# Flat colours from small palettes. Continuous colours and gradients would make the tokenizer spend its codes
-# on shades (a flat region then maps to several neighbouring codes) and MAGE on learning those shades.
+# Flat colours from small palettes: with continuous colours and gradients the tokenizer spends its codes on
+# shades, and MAGE its training on learning them (measured in the README's demo section).
 OBJECT_COLOURS = np.array([[230, 60, 50], [250, 200, 40], [60, 190, 80], [70, 130, 240], [240, 240, 240],
                            [200, 90, 220], [250, 140, 30], [90, 220, 220]], dtype=float)
 BACKGROUND_COLOURS = np.array([[20, 20, 30], [40, 60, 110], [90, 30, 40], [30, 80, 50], [100, 100, 100],
