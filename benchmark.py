@@ -29,8 +29,6 @@ from util.perf import REFERENCE_NUMERICS, adamw_kwargs, apply_perf_settings
 from util.sampling import decode_tokens, iterative_decode
 
 TASKS = ("pretrain", "pretrain_cached", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
-CLASSIFIER_FOR = {"mage_vit_base_patch16": "vit_base_patch16", "mage_vit_large_patch16": "vit_large_patch16",
-                  "mage_vit_tiny_patch16": "vit_tiny_patch16"}
 H200_BF16_DENSE_TFLOPS = 989.0
 
 
@@ -124,7 +122,7 @@ def build_models(args, settings, device):
     kwargs = {"vqgan_config": args.vqgan_config} if args.vqgan_config else {}
     mage = models_mage.MODELS[args.model](**kwargs).to(device)
     apply_perf_settings(mage, settings, device)
-    classifier = models_vit.MODELS[CLASSIFIER_FOR[args.model]](global_pool=True, num_classes=1000, **kwargs)
+    classifier = models_vit.MODELS[args.model.removeprefix("mage_")](global_pool=True, num_classes=1000, **kwargs)
     load_mage_checkpoint_into_classifier(classifier, mage.state_dict(), source="benchmark MAGE weights")
     classifier = classifier.to(device).eval()
     apply_perf_settings(classifier, settings, device)
