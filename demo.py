@@ -68,9 +68,9 @@ PRESETS = {
     "default": {
         "data": {"num_train": 500, "num_val": 60},
         "tokenizer": {"flags": ["--epochs", 5, "--channels_last"]},
-        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 27, "batch_size": 32, "lr": 2e-3,
+        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 50, "batch_size": 32, "lr": 2e-3,
                      "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False},
-        "generate": {"num_images": 384, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8},
+        "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8},
         "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
         "classes": {"epochs": 6, "batch_size": 64},
     },
@@ -492,7 +492,8 @@ def describe(name, result):
 
 
 def print_table(summary):
-    rows = [(name, describe(name, stage["result"]), f"{stage['time_s']:.0f} s" + (" (earlier)" if stage["skipped"] else ""))
+    rows = [(name, describe(name, stage["result"]),
+             f"{stage['time_s']:.0f} s" + (" (earlier)" if stage["skipped"] else ""))
             for name, stage in summary["stages"].items()]
     histogram = "  ".join(f"{name.split('_', 1)[-1]} {100 * v:.0f}%"
                           for name, v in summary["sample_class_histogram"].items())

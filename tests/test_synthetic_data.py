@@ -82,6 +82,18 @@ def test_flat_palette_colours_with_a_lighter_object():
     assert len(backgrounds) >= 4 and len(objects) >= 4
 
 
+@pytest.mark.parametrize("name", ["stripes", "half"])
+def test_rotations_are_multiples_of_45_degrees(name):
+    """Edges run horizontally, vertically or diagonally, so that a 4x4-pixel token grid can continue them:
+    a stripes or half image is unchanged by a one-pixel shift along one of those four directions."""
+    label = CLASSES.index(name)
+    for k in range(20):
+        image = np.asarray(render_image(label, 32, image_rng(0, "train", label, k)), dtype=float)
+        shifts = [image[1:, :] - image[:-1, :], image[:, 1:] - image[:, :-1],
+                  image[1:, 1:] - image[:-1, :-1], image[1:, :-1] - image[:-1, 1:]]
+        assert min(np.abs(shift).mean() for shift in shifts) < 0.5
+
+
 def test_raw_pixel_probe_is_far_from_perfect(tmp_path):
     """The dataset is not solvable from raw pixels by a linear model (it is by shape-aware features)."""
     generate(tmp_path, num_train=80, num_val=20, size=32, seed=0)

@@ -1,10 +1,10 @@
 """The built-in dataset: procedural shapes and textures written as a labelled ImageFolder (train/ and val/).
 
-Each class differs in what a tokenizer can see (shape, count, texture or layout); position, scale, rotation,
-the object colour (8 colours) and the flat background colour (6 colours) vary at random, so a linear
-classifier on raw pixels does clearly worse than one on features that know about shapes. Every image is a
-pure function of (seed, split, class, index): rerunning writes the same files, and any subset can be
-regenerated alone.
+Each class differs in what a tokenizer can see (shape, count, texture or layout); position, scale, rotation
+(in steps of 45 degrees), the object colour (8 colours) and the flat background colour (6 colours) vary at
+random, so a linear classifier on raw pixels does clearly worse than one on features that know about shapes.
+Every image is a pure function of (seed, split, class, index): rerunning writes the same files, and any subset
+can be regenerated alone.
 
     python -m util.synthetic_data --output_dir data/shapes            # 8 classes, 32x32, 500/60 per class
     python -m util.synthetic_data --output_dir data/shapes --baseline # also fit the raw-pixel linear probe
@@ -24,6 +24,7 @@ CLASSES = ("disc", "square", "triangle", "ring", "cross", "pair", "stripes", "ha
 SPLIT_IDS = {"train": 0, "val": 1}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: anti-aliased edges instead of jagged ones
 INFO_FILE = "dataset.json"
+ANGLES = 8  # rotations in steps of 45 degrees: edges a 4x4-pixel token grid can continue in a straight line
 
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -65,7 +66,7 @@ def _draw_shape(name, draw, size, rng):
     radius = rng.uniform(0.2, 0.36) * size
     jitter = min(size / 2 - radius * 1.05, 0.2 * size)
     center = (size / 2 + rng.uniform(-jitter, jitter), size / 2 + rng.uniform(-jitter, jitter))
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rng.integers(ANGLES) * 2 * math.pi / ANGLES
     if name == "disc":
         _disc(draw, center, radius * 0.85, fill)
     elif name == "square":
@@ -76,7 +77,7 @@ def _draw_shape(name, draw, size, rng):
         _disc(draw, center, radius, fill)
         _disc(draw, center, radius * rng.uniform(0.45, 0.6), hole)
     elif name == "cross":
-        arm = radius * rng.uniform(0.3, 0.42)
+        arm = radius * rng.uniform(0.5, 0.65)
         bar = [(-radius, -arm / 2), (radius, -arm / 2), (radius, arm / 2), (-radius, arm / 2)]
         draw.polygon(_rotated(bar, center, angle), fill=fill)
         draw.polygon(_rotated(bar, center, angle + math.pi / 2), fill=fill)
@@ -90,7 +91,7 @@ def _draw_shape(name, draw, size, rng):
         _disc(draw, first, small, fill)
         _disc(draw, second, small, fill)
     elif name == "stripes":
-        period = rng.uniform(0.3, 0.42) * size
+        period = rng.uniform(0.45, 0.6) * size
         x = rng.uniform(0, period) - size  # coordinates relative to the image centre, before rotation
         while x < size:
             band = [(x, -size), (x + period / 2, -size), (x + period / 2, size), (x, size)]
