@@ -132,3 +132,8 @@ def test_summary_table_points_to_more_pretraining_only_when_samples_collapse(run
         printed = capsys.readouterr().out
         assert ("--pretrain_epochs N" in printed) == collapsed
         assert "disc" in printed and "total" in printed
+
+
+def test_loss_curve_running_mean_is_trailing():
+    assert demo.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert demo.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
