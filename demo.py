@@ -68,7 +68,7 @@ PRESETS = {
     "default": {
         "data": {"num_train": 500, "num_val": 60},
         "tokenizer": {"flags": ["--epochs", 5, "--channels_last"]},
-        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 50, "batch_size": 32, "lr": 2e-3,
+        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 70, "batch_size": 64, "lr": 2e-3,
                      "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False},
         "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8},
         "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
