@@ -100,7 +100,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         world_size = distributed_world_size()
         if not self.training or world_size == 1:
             return super().forward(x)
-        # x: (n, C) on this process; N = sum of n over processes
+        # x: (n, C) on this process; N = sum of n over processes. Moments in (at least) float32 under autocast.
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         total_rows = torch.tensor([float(x.shape[0])], device=x.device)
         dist.all_reduce(total_rows)
         total_rows = total_rows.item()
