@@ -18,7 +18,9 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.crop import RandomResizedCrop
-from util.misc import TrainingError, UsageError, derive_seed, get_rank, get_world_size
+from util.distributed import get_rank, get_world_size
+from util.errors import TrainingError, UsageError
+from util.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
