@@ -142,8 +142,9 @@ def keep_reference_posterize(transform):
     """Make timm's posterize ops in `transform` give the reference's black image for 0 bits (in place).
 
     RandAugment 'inc1' keeps 4 - int(m / 10 * 4) bits, so magnitude 10, which the mstd noise reaches in ~2 %
-    of draws at m9, keeps 0 bits (as does AutoAugment v0's ('Posterize', 0.8, 2)): about 1 image in 660, so
-    with Pillow 13 a 1,000-image epoch crashed 4 times in 5. Only these op instances change, not timm.
+    of draws at m9, keeps 0 bits: about 1 image in 660 with rand-m9-mstd0.5-inc1, so with Pillow 13 a
+    1,000-image epoch crashed 4 times in 5. AutoAugment v0's ('Posterize', 0.8, 2) keeps 0 bits too.
+    Only these op instances change, not timm.
     """
     for step in getattr(transform, "transforms", ()):
         ops = list(getattr(step, "ops", ()))  # RandAugment, AugMix
@@ -158,8 +159,9 @@ def keep_reference_posterize(transform):
 def finetune_train_transform(args):
     """timm's ImageNet training transform: RandomResizedCrop(0.2-1), flip, RandAugment, normalise, erasing.
 
-    The arguments are the reference's (timm 0.3.2); timm 1.0 builds the same steps from them, whose results
-    only differ in posterize at 0 bits under Pillow 13 (see keep_reference_posterize).
+    The arguments are the reference's (timm 0.3.2), and timm 1.0 builds the same steps from them. Pillow 13
+    differs from older Pillow twice: posterize at 0 bits raises (see keep_reference_posterize), and a crop
+    that the resize widens but shortens is resampled in the other pass order (a grey level or so; left as is).
     """
     mean, std = finetune_mean_std(args)
     transform = create_transform(input_size=args.input_size, is_training=True, scale=(0.2, 1.0),
