@@ -111,7 +111,7 @@ def check_args(args):
         try:  # timm rejects an unknown policy with a bare assert, and only once the model is built
             data.finetune_train_transform(args)
         except (AssertionError, KeyError, ValueError) as err:
-            raise misc.UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
+            raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
                                   f"'none' turns it off") from None
 
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from timm.data.auto_augment import RandAugment
 
 import main_finetune
-import util.misc as misc
+from util.errors import UsageError
 from train_support import parse, write_tokenizer_config
 from util import datasets
 from util.synthetic_data import generate
@@ -123,7 +123,7 @@ def test_unknown_aa_policy_is_a_usage_error(tmp_path):
     for split in ("train", "val"):
         os.makedirs(tmp_path / split)
     args = parse(main_finetune, ["--data_path", str(tmp_path), "--aa", "rand-m9-x3"])
-    with pytest.raises(misc.UsageError, match="--aa 'rand-m9-x3'"):
+    with pytest.raises(UsageError, match="--aa 'rand-m9-x3'"):
         main_finetune.check_args(args)
 
 
