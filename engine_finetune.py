@@ -14,7 +14,7 @@ from util.checkpoint import save_model
 from util.datasets import set_epoch
 from util.distributed import all_reduce_mean, cleanup_distributed, get_rank, no_sync_if, unwrap
 from util.errors import check_finite
-from util.metrics import MetricLogger, SmoothedValue, append_log, make_log_writer
+from util.metrics import MetricLogger, SmoothedValue, make_log_writer
 from util.precision import autocast
 from util.seeding import derive_seed, seed_everything
 
@@ -115,16 +115,17 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
                                           max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
                                           args=args, input_fn=input_fn)
-            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
             test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch}
+            # after the evaluation, so that the checkpoint holds the epoch's log line (util.checkpoint.save_epoch)
+            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler, log_stats=log_stats)
             if log_writer is not None:
                 for key in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
                 log_writer.flush()
-            append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
-                              **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
     finally:
         if log_writer is not None:
             log_writer.close()
