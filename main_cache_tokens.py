@@ -18,8 +18,9 @@ from util.cli import add_runtime_args, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform
 from util.distributed import barrier, is_main_process
 from util.errors import UsageError
+from util.output_dir import open_output_dir
 from util.perf import add_perf_args, tokenizer_dtype
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
 
@@ -75,6 +76,7 @@ def check_args(args):
     check_split(args.data_path, "train")
 
 
+@releases_output_dir
 def main(args):
     # the cache folder is checked against the tokenizer's settings before it is created
     setup_run(args, check_args, create_output_dir=False)
@@ -94,7 +96,7 @@ def main(args):
             return
         raise UsageError(f"--output_dir '{args.output_dir}' holds a token cache with other settings; "
                          "choose another folder")
-    os.makedirs(args.output_dir, exist_ok=True)
+    open_output_dir(args)  # create and lock (another run writing this cache is refused)
     rows = list(range(args.rank, len(dataset), args.world_size))
     tokens = tokenize_views(args, vqgan, dataset, rows, settings["grid_size"] ** 2)
     labels = [dataset.targets[i] for i in rows]

@@ -12,16 +12,17 @@ import models_vit
 import util.datasets as data
 from engine_finetune import evaluate, fit
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model
+from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import all_gather_rows, cleanup_distributed, get_world_size, wrap_ddp
 from util.errors import UsageError
 from util.lars import LARS
 from util.lr_sched import effective_lr
 from util.metrics import MetricLogger
+from util.output_dir import open_output_dir
 from util.perf import add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount, autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 
 
 def get_args_parser():
@@ -141,8 +142,9 @@ def build_data(model, args):
     return loader_train, loader_val, input_fn
 
 
+@releases_output_dir
 def main(args):
-    setup_run(args, check_args)
+    setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = apply_perf_settings(build_model(args).to(device), args, device)
     model.eval()  # the frozen backbone never trains (no dropout); train_one_epoch switches the head to train
@@ -153,6 +155,7 @@ def main(args):
     loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
     load_model(args, model, optimizer, loss_scaler)
     loader_train, loader_val, input_fn = build_data(model, args)
+    open_output_dir(args, expected_bytes=expected_checkpoint_size(model, optimizer_moments=1))  # usage checks done
 
     if args.eval:
         test_stats = evaluate(loader_val, model.head, device, args, input_fn)

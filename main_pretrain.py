@@ -10,15 +10,16 @@ import models_mage
 import util.datasets as data
 from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model, resolve_resume_path, save_model
+from util.checkpoint import expected_checkpoint_size, load_model, resolve_resume_path, save_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import cleanup_distributed, get_rank, get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
-from util.metrics import append_log, make_log_writer
+from util.metrics import make_log_writer
 from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
+from util.output_dir import open_output_dir
 from util.precision import NativeScalerWithGradNormCount
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.seeding import derive_seed, seed_everything
 from util.token_cache import CachedTokenDataset, read_meta
 
@@ -110,8 +111,9 @@ def build_model(args):
     return model
 
 
+@releases_output_dir
 def main(args):
-    setup_run(args, check_args)
+    setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = build_model(args)
     dataset_train = build_train_dataset(args, model)
@@ -119,6 +121,7 @@ def main(args):
     if len(data_loader_train) == 0:
         raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
                          f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+    open_output_dir(args, expected_bytes=expected_checkpoint_size(model))  # the usage checks are done
 
     model.to(device)
     apply_perf_settings(model, args, device)
@@ -143,8 +146,8 @@ def main(args):
             seed_everything(derive_seed(args.seed, epoch, get_rank()))
             train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                           log_writer=log_writer, args=args)
-            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-            append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, log_stats=log_stats)
             if log_writer is not None:
                 log_writer.flush()
     finally:
