@@ -51,6 +51,8 @@ from util import synthetic_data
 from util.checkpoint import CHECKPOINT_LAST, save_json_atomic
 from util.errors import CheckpointError, TrainingError, UsageError
 from util.fid import INCEPTION, compute_metrics, inception_cache_path
+from util.images import open_rgb
+from util.output_dir import DirectoryLock, OutputDirError, check_writable_folder
 from util.precision import autocast, default_amp
 from util.token_cache import META_FILE, write_meta, write_shard
 
@@ -335,7 +337,7 @@ class Demo:
         val_images, val_labels = self.split_images("val")
         val_acc = (predict(judge, val_images, self.device) == val_labels).float().mean().item()
         paths = sorted(glob.glob(os.path.join(self.sample_dir(), "*.png")))
-        samples = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in paths])
+        samples = torch.stack([torch.from_numpy(np.array(open_rgb(p))) for p in paths])
         samples = samples.permute(0, 3, 1, 2).float().div(255)
         predicted = predict(judge, samples, self.device)
         counts = torch.bincount(predicted, minlength=len(classes))
@@ -395,8 +397,7 @@ class Demo:
 
     def inpainting_picture(self, grid_path, count, pad=2):
         """edit_img's grid (one row per image: input | kept tokens | result) turned into three rows."""
-        with Image.open(grid_path) as grid:
-            grid = torch.from_numpy(np.array(grid.convert("RGB"))).permute(2, 0, 1).float().div(255)
+        grid = torch.from_numpy(np.array(open_rgb(grid_path))).permute(2, 0, 1).float().div(255)
         side = self.resolution
 
         def cell(row, column):
@@ -581,9 +582,8 @@ def save_rows(rows, path, scale, labels=None, pad=2):
 
 def enlarge(source, target, scale):
     """Copy a picture enlarged by `scale` (nearest neighbour)."""
-    with Image.open(source) as picture:
-        picture = picture.convert("RGB")
-        picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(target)
+    picture = open_rgb(source)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(target)
 
 
 def read_scalars(log_dir, tag):
@@ -644,10 +644,18 @@ def draw_curves(panels, path, width=460, height=320):
 
 
 def main(args):
-    demo = Demo(args)
-    print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {demo.device}, {demo.resolution}x"
-          f"{demo.resolution} images, output in {demo.out}")
-    return demo.run()
+    try:
+        check_writable_folder(args.output_dir)
+        demo = Demo(args)
+        lock = DirectoryLock(demo.out).acquire()  # a second demo writing into the same folder is refused
+    except OutputDirError as err:
+        raise SystemExit(f"demo: {err}") from None
+    try:
+        print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {demo.device}, {demo.resolution}x"
+              f"{demo.resolution} images, output in {demo.out}")
+        return demo.run()
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":
