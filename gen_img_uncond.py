@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 
 import torch
 from PIL import Image
@@ -23,15 +24,16 @@ from tqdm import tqdm
 
 import models_mage
 from models_mage import tokenizer_kwargs
-from util.checkpoint import (TMP_SUFFIX, extract_model_state, load_checkpoint, load_state_dict_checked,
-                             save_json_atomic, write_atomic)
+from util.checkpoint import (extract_model_state, load_checkpoint, load_state_dict_checked, save_json_atomic,
+                             write_atomic)
 from util.cli import add_runtime_args, run_script
 from util.distributed import barrier, cleanup_distributed, get_rank, get_world_size, is_main_process
 from util.errors import UsageError
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
+from util.output_dir import open_output_dir
 from util.perf import add_perf_args, apply_perf_settings, tokenizer_dtype
 from util.precision import autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 GRID_IMAGES = 64
@@ -73,6 +75,15 @@ def get_args_parser():
     return parser
 
 
+def check_sampling_args(args):
+    """--temp, --num_iter and --batch_size (generation and editing)."""
+    for name in ("batch_size", "num_iter"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.temp >= 0:  # also catches nan
+        raise UsageError(f"--temp must be >= 0 (0 picks the most likely tokens), got {args.temp}")
+
+
 def check_model_args(args):
     if args.random_init == bool(args.ckpt):
         raise UsageError("pass --ckpt PATH (a MAGE checkpoint), or --random_init to run on random weights")
@@ -80,9 +91,9 @@ def check_model_args(args):
 
 def check_args(args):
     check_model_args(args)
-    for name in ("num_images", "batch_size", "num_iter"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1")
+    check_sampling_args(args)
+    if args.num_images < 1:
+        raise UsageError("--num_images must be >= 1")
     if args.eval_fid and not os.path.isdir(args.fid_ref):
         raise UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
 
@@ -144,27 +155,45 @@ def prepare_folder(folder, settings):
                              f"differ); choose another --output_dir")
     else:
         save_json_atomic(settings_path, settings)
-    for name in os.listdir(image_dir):  # partial files of a killed run
-        if name.endswith(TMP_SUFFIX):
-            os.remove(os.path.join(image_dir, name))
 
 
 def image_path(image_dir, index):
     return os.path.join(image_dir, f"{index:05d}.png")
 
 
-def is_done(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk, the last 12 bytes of every complete PNG
 
 
-def batches_to_do(args, image_dir):
-    """Fixed chunks of batch_size image indices that still miss a file, dealt out round-robin to the ranks."""
-    todo = []
+def is_done(path, side):
+    """Whether `path` is a complete side x side 8-bit RGB PNG, judged from its header and its last 12 bytes (no
+    decoding): a file cut short or overwritten by something else is generated again."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(26)
+            if os.fstat(f.fileno()).st_size < len(header) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            end = f.read()
+    except OSError:
+        return False
+    if header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR" or end != PNG_END:
+        return False
+    width, height = struct.unpack(">II", header[16:24])
+    return (width, height, header[24], header[25]) == (side, side, 8, 2)  # bit depth 8, colour type RGB
+
+
+def batches_to_do(args, image_dir, side):
+    """Fixed chunks of batch_size image indices that still miss a complete file, dealt out round-robin to the
+    ranks, and the names of the damaged files among them (present but not a complete PNG)."""
+    todo, damaged = [], []
     for start in range(0, args.num_images, args.batch_size):
         indices = list(range(start, min(start + args.batch_size, args.num_images)))
-        if not all(is_done(image_path(image_dir, k)) for k in indices):
+        missing = [k for k in indices if not is_done(image_path(image_dir, k), side)]
+        damaged += [f"{k:05d}.png" for k in missing if os.path.exists(image_path(image_dir, k))]
+        if missing:
             todo.append(indices)
-    return todo[get_rank()::get_world_size()]
+    return todo[get_rank()::get_world_size()], damaged
 
 
 def generate_batch(model, indices, args):
@@ -199,6 +228,7 @@ def evaluate(args, image_dir, folder, settings):
     print(json.dumps(metrics, indent=2))
 
 
+@releases_output_dir
 def main(args):
     setup_run(args, check_args, create_output_dir=False)  # prepare_folder lays out the run folder
     if args.eval_fid and args.fid_feature_extractor == INCEPTION and is_main_process():
@@ -206,12 +236,17 @@ def main(args):
     model = build_model(args)
     folder = run_folder(args)
     image_dir = os.path.join(folder, "images")
+    side = model.grid_size * model.vqgan.downsample_factor
     settings = settings_of(args, model) if is_main_process() else None
+    open_output_dir(args, folder, subfolders=("images",))  # another run with these settings is refused here
     if is_main_process():
         prepare_folder(folder, settings)
     barrier()
-    batches = batches_to_do(args, image_dir)
+    batches, damaged = batches_to_do(args, image_dir, side)
     barrier()  # every rank has listed the missing images before any rank writes
+    if damaged:
+        print(f"{len(damaged)} damaged images will be generated again: {', '.join(damaged[:5])}"
+              + (" ..." if len(damaged) > 5 else ""))
     total = sum(len(b) for b in batches)
     print(f"{folder}: {args.num_images} images, {total} to generate on rank 0 of {get_world_size()}")
     with tqdm(total=total, unit="img", disable=not is_main_process()) as progress:
@@ -219,7 +254,7 @@ def main(args):
             images = generate_batch(model, indices, args)
             for index, array in zip(indices, images):
                 path = image_path(image_dir, index)
-                if not is_done(path):
+                if not is_done(path, side):
                     save_png(array, path)
             progress.update(len(indices))
     barrier()
