@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.datasets as data
 import util.lr_decay as lrd
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
@@ -186,8 +186,8 @@ def main(args):
         cleanup_distributed()
         return test_stats
 
-    return fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=input_fn,
-               mixup_fn=mixup_fn, max_norm=args.clip_grad)
+    return fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device,
+                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":
