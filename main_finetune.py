@@ -57,7 +57,8 @@ def get_args_parser():
 
     group = parser.add_argument_group("augmentation")
     group.add_argument("--color_jitter", type=float, default=None, help="colour jitter (only without --aa)")
-    group.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm RandAugment/AutoAugment policy")
+    group.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
+                       help="timm RandAugment/AutoAugment policy; 'none' (or '') turns it off")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"))
     group.add_argument("--reprob", type=float, default=0.25, help="random erase probability")
@@ -107,6 +108,11 @@ def check_args(args):
     data.check_split(args.data_path, "val")
     if not args.eval:
         data.check_split(args.data_path, "train")
+        try:  # timm rejects an unknown policy with a bare assert, and only once the model is built
+            data.finetune_train_transform(args)
+        except (AssertionError, KeyError, ValueError) as err:
+            raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
+                                  f"'none' turns it off") from None
 
 
 def build_model(args):
