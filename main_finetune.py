@@ -112,7 +112,7 @@ def check_args(args):
             data.finetune_train_transform(args)
         except (AssertionError, KeyError, ValueError) as err:
             raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
-                                  f"'none' turns it off") from None
+                         f"'none' turns it off") from None
 
 
 def build_model(args):
