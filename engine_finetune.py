@@ -94,7 +94,8 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
     """Train for args.start_epoch..args.epochs: one epoch, a checkpoint, an evaluation, logs.
 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
-    evaluated (default: the unwrapped model). Returns the last evaluation's statistics.
+    evaluated (default: the unwrapped model). Returns classifier_result(): the last evaluation (of the
+    loaded weights when a resumed run has no epoch left) and the per-epoch history.
     """
     unwrapped = model.module if hasattr(model, "module") else model
     checkpoint_model = checkpoint_model or unwrapped
@@ -102,7 +103,7 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
     log_writer = misc.make_log_writer(args)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
-    max_accuracy, test_stats = 0.0, {}
+    first_epoch, new_epochs, max_accuracy, test_stats = args.start_epoch, [], 0.0, {}
     num_val = len(loader_val.dataset)
     try:
         for epoch in range(args.start_epoch, args.epochs):
@@ -119,11 +120,32 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
                 for key in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
                 log_writer.flush()
-            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
+            new_epochs.append({**{f"train_{k}": v for k, v in train_stats.items()},
+                               **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
+            misc.append_log(args, new_epochs[-1])
+        if not new_epochs:  # resumed after the last epoch
+            test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
     finally:
         if log_writer is not None:
             log_writer.close()
         misc.cleanup_distributed()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    return test_stats
+    return classifier_result(args, test_stats, misc.epoch_history(args, first_epoch, new_epochs))
+
+
+def classifier_result(args, test_stats, history):
+    """The result of main_linprobe.py / main_finetune.py training (rank 0; other ranks: the same keys,
+    `history` holding only the epochs they ran):
+        acc1, acc5, loss    top-1 / top-5 accuracy (%) and cross-entropy of the final weights on the val split
+        max_acc1, max_acc5  the best of each over the epochs (and the final evaluation)
+        epochs              the --epochs the run trained to
+        history             per-epoch stats (log.txt's lines: train_loss, train_lr, ..., test_acc1, test_acc5,
+                            test_loss, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint          output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir          --output_dir
+    """
+    return {"acc1": test_stats["acc1"], "acc5": test_stats["acc5"], "loss": test_stats["loss"],
+            "max_acc1": max([test_stats["acc1"]] + [stats["test_acc1"] for stats in history]),
+            "max_acc5": max([test_stats["acc5"]] + [stats["test_acc5"] for stats in history]),
+            "epochs": args.epochs, "history": history, "checkpoint": misc.checkpoint_path(args),
+            "output_dir": args.output_dir}

@@ -201,9 +201,19 @@ def evaluate(args, image_dir, folder, settings):
               "feature_extractor": args.fid_feature_extractor, "settings": settings}
     write_atomic(os.path.join(folder, "metrics.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def main(args):
+    """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid and metrics are None):
+        folder      OUTPUT_DIR/<settings>/, the run folder (settings.json, grid.png, metrics.json)
+        image_dir   folder/images/, the samples 00000.png ... only
+        grid        folder/grid.png, the first 64 samples
+        num_images  --num_images
+        settings    what the images depend on (settings.json)
+        metrics     torch-fidelity's metrics with --eval_fid (frechet_inception_distance,
+                    inception_score_mean, ...), else None
+    """
     check_args(args)
     misc.init_distributed_mode(args)
     if args.eval_fid and args.fid_feature_extractor == INCEPTION and misc.is_main_process():
@@ -228,13 +238,17 @@ def main(args):
                     save_png(array, path)
             progress.update(len(indices))
     misc.barrier()
+    result = {"folder": folder, "image_dir": image_dir, "grid": None, "num_images": args.num_images,
+              "settings": settings, "metrics": None}
     if misc.is_main_process():
-        save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
-        print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
+        result["grid"] = os.path.join(folder, "grid.png")
+        save_grid(image_dir, args.num_images, result["grid"])
+        print(f"wrote {image_dir} and {result['grid']}")
         if args.eval_fid:
-            evaluate(args, image_dir, folder, settings)
+            result["metrics"] = evaluate(args, image_dir, folder, settings)
     misc.barrier()
     misc.cleanup_distributed()
+    return result
 
 
 if __name__ == "__main__":

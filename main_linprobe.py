@@ -135,6 +135,8 @@ def build_data(model, args):
 
 
 def main(args):
+    """Linear-probe; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     resolve_perf_args(args)
     check_args(args)
     misc.init_distributed_mode(args)

@@ -103,6 +103,16 @@ def build_model(args):
 
 
 def main(args):
+    """Pre-train; returns the run's result (rank 0; other ranks: the same keys, `history` holding only the
+    epochs they ran):
+        final_loss       train loss of the last epoch (None when a resumed run finds no epoch in its log)
+        epochs           the --epochs the run trained to
+        steps_per_epoch  batches per epoch and process (optimizer steps: this / --accum_iter)
+        history          per-epoch stats (log.txt's lines: train_loss, train_lr, train_mask_ratio,
+                         train_grad_norm, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint       output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir       --output_dir
+    """
     resolve_perf_args(args)
     check_args(args)
     misc.init_distributed_mode(args)
@@ -140,6 +150,7 @@ def main(args):
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
+    first_epoch, new_epochs = args.start_epoch, []
     try:
         for epoch in range(args.start_epoch, args.epochs):
             data.set_epoch(data_loader_train, epoch)
@@ -147,7 +158,8 @@ def main(args):
             train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                           log_writer=log_writer, args=args)
             misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+            new_epochs.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+            misc.append_log(args, new_epochs[-1])
             if log_writer is not None:
                 log_writer.flush()
     finally:
@@ -155,6 +167,10 @@ def main(args):
             log_writer.close()
         misc.cleanup_distributed()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    history = misc.epoch_history(args, first_epoch, new_epochs)
+    return {"final_loss": history[-1]["train_loss"] if history else None, "epochs": args.epochs,
+            "steps_per_epoch": len(data_loader_train), "history": history,
+            "checkpoint": misc.checkpoint_path(args), "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import torch
 from torchvision import transforms
 
 import util.misc as misc
-from engine_tokenizer import (CodebookMonitor, TokenizerForward, evaluate, export_tokenizer, reconstruction_grid,
-                              train_one_epoch)
+from engine_tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, CodebookMonitor, TokenizerForward, evaluate,
+                              export_tokenizer, reconstruction_grid, train_one_epoch)
 from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import VQGANLoss
 from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint_atomic
@@ -131,6 +131,15 @@ def wrap_ddp(module, args):
 
 
 def main(args):
+    """Train the tokenizer; returns (every rank; only rank 0 writes the files and reads earlier epochs back):
+        psnr, l1, codebook_usage, perplexity   val metrics of the final weights (dB, -, % of codes, -)
+        epochs, steps, train_time_s            the schedule trained to and its training time (all processes)
+        history                                per-epoch stats (log.txt's lines), including the epochs of an
+                                               earlier process of a resumed run
+        tokenizer, tokenizer_config            output_dir/tokenizer.ckpt and tokenizer.yaml ('' without
+                                               --output_dir): the --vqgan_ckpt / --vqgan_config of MAGE runs
+        output_dir                             --output_dir
+    """
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
     if args.log_dir is None:
@@ -180,7 +189,7 @@ def main(args):
     log_writer = misc.make_log_writer(args)
     spread = range(0, len(dataset_val), max(1, len(dataset_val) // GRID_IMAGES))  # across classes
     grid_images = torch.stack([dataset_val[i][0] for i in list(spread)[:GRID_IMAGES]]).to(args.device)
-    metrics = {}
+    metrics, new_epochs = {}, []
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         set_epoch(loader_train, epoch)
@@ -202,6 +211,7 @@ def main(args):
                 log_writer.add_image("val/reconstructions", reconstruction_grid(vqmodel, grid_images), step)
                 log_writer.flush()
         misc.append_log(args, stats)
+        new_epochs.append(stats)
 
     if not metrics:  # resumed after the last epoch: evaluate the final weights again
         metrics = evaluate(vqmodel, loader_val, args.device)
@@ -216,7 +226,10 @@ def main(args):
     if log_writer is not None:
         log_writer.close()
     misc.cleanup_distributed()
-    return metrics
+    files = {name: os.path.join(args.output_dir, file) if args.output_dir else ""
+             for name, file in (("tokenizer", TOKENIZER_FILE), ("tokenizer_config", TOKENIZER_CONFIG_FILE))}
+    return {**metrics, "history": misc.epoch_history(args, start_epoch, new_epochs), **files,
+            "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":
