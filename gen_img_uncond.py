@@ -205,7 +205,7 @@ def evaluate(args, image_dir, folder, settings):
 
 
 def main(args):
-    """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid and metrics are None):
+    """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid, settings, metrics None):
         folder      OUTPUT_DIR/<settings>/, the run folder (settings.json, grid.png, metrics.json)
         image_dir   folder/images/, the samples 00000.png ... only
         grid        folder/grid.png, the first 64 samples

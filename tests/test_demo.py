@@ -31,15 +31,15 @@ def runs(tmp_path_factory):
     checkpoint = out / "pretrain" / "checkpoint-last.pth"
     with open(tmp_path_factory.getbasetemp() / "demo_first_run.log", "w") as log:
         first = subprocess.Popen(demo_command(out), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while first.poll() is None and not checkpoint.exists() and time.time() < deadline:
             time.sleep(0.1)
         interrupted = first.poll() is None
         first.kill()
         first.wait()
-    second = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    third = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    third = subprocess.run(demo_command(out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     return out, interrupted, second, third
 
