@@ -47,9 +47,11 @@ import main_pretrain
 import main_tokenizer
 import models_vit
 from taming.models.vqgan import build_vqgan, load_vqgan_config, token_grid_size
-from util import judge, misc, plots, synthetic_data
-from util.checkpoint import CheckpointError
+from util import judge, plots, synthetic_data
+from util.checkpoint import save_json_atomic
+from util.errors import CheckpointError, TrainingError, UsageError
 from util.fid import INCEPTION, compute_metrics, inception_cache_path
+from util.precision import autocast, default_amp
 
 # Settings of each stage. The tokenizer gets main_tokenizer.py's recipe for config/vqgan_demo.yaml plus
 # these flags (its --quick schedule for the quick run). Pre-training uses the explicit attention: over 64 tokens
@@ -142,7 +144,7 @@ def run_main(module, argv):
     args = module.get_args_parser().parse_args(argv)
     try:
         return module.main(args)
-    except (misc.UsageError, misc.TrainingError, CheckpointError) as err:
+    except (UsageError, TrainingError, CheckpointError) as err:
         raise SystemExit(f"demo: {module.__name__} failed: {err}") from None
 
 
@@ -315,12 +317,12 @@ def mage_features(ctx):
     model = models_vit.vit_demo(num_classes=len(ctx.results["data"]["classes"]), global_pool=True,
                                 vqgan_config=ctx.file("tokenizer", "tokenizer_config"))
     models_vit.load_mage_checkpoint_into_classifier(model, ctx.file("pretrain", "checkpoint"))
-    amp = misc.default_amp()
+    amp = default_amp()
     model.to(ctx.device).eval().vqgan.set_inference_mode(AMP_TOKENIZER_DTYPES[amp], channels_last=True)
     arrays = []
     for split in ("train", "val"):
         images, labels = ctx.split_images(split)
-        with misc.autocast(ctx.device, amp):
+        with autocast(ctx.device, amp):
             features = [model.forward_features(batch.to(ctx.device)).float().cpu() for batch in images.split(256)]
         arrays += [torch.cat(features), labels]
     return arrays
@@ -422,13 +424,6 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj):
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp_path, path)
-
-
 def stage_settings(ctx, stage):
     own = stage.settings(ctx) if stage.settings else ctx.preset.get(stage.name, {})
     return {"own": own, "seed": ctx.args.seed, "inputs": {dep: ctx.settings[dep] for dep in stage.depends}}
@@ -452,12 +447,12 @@ def run_stage(ctx, index, stage):
             shutil.rmtree(folder)
         resuming = os.path.isfile(settings_path)
         os.makedirs(folder, exist_ok=True)
-        write_json(settings_path, settings)
+        save_json_atomic(settings_path, settings, indent=1)
         print(f"\n== {header}{' (continuing an interrupted run)' if resuming else ''}", flush=True)
         start = time.time()
         result = stage.run(ctx, folder)
         record = {"settings": settings, "result": result, "time_s": round(time.time() - start, 1)}
-        write_json(done_path, record)
+        save_json_atomic(done_path, record, indent=1)
         print(f"== {stage.name} finished in {record['time_s']:.0f} s: {stage.describe(result)}", flush=True)
     ctx.results[stage.name], ctx.times[stage.name] = record["result"], record["time_s"]
 
@@ -473,7 +468,7 @@ def run(ctx):
             print(f"stopped after stage '{stage.name}' (--stop_after); run the same command again to continue")
             return None
     summary = make_summary(ctx, time.time() - start, load_start)
-    write_json(ctx.path("summary.json"), summary)
+    save_json_atomic(ctx.path("summary.json"), summary, indent=1)
     print_table(summary)
     print(f"wrote {ctx.path('summary.json')} and pictures in {ctx.path('pictures')}")
     return summary

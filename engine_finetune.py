@@ -10,8 +10,13 @@ import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.checkpoint import checkpoint_path, save_model
 from util.datasets import set_epoch
+from util.distributed import all_reduce_mean, cleanup_distributed, get_rank, no_sync_if, unwrap
+from util.errors import check_finite
+from util.metrics import MetricLogger, SmoothedValue, append_log, epoch_history, make_log_writer
+from util.precision import autocast
+from util.seeding import derive_seed, seed_everything
 
 PRINT_FREQ = 20
 
@@ -20,8 +25,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                     mixup_fn=None, log_writer=None, args=None, input_fn=None):
     model.train(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     accum_iter = args.accum_iter
     steps = len(data_loader)
 
@@ -37,11 +42,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             samples = input_fn(samples)
         update = (step + 1) % accum_iter == 0
 
-        with misc.no_sync_if(model, not update):
-            with misc.autocast(device, args.amp):
+        with no_sync_if(model, not update):
+            with autocast(device, args.amp):
                 loss = criterion(model(samples), targets)
-            loss_value = misc.all_reduce_mean(loss.item())
-            misc.check_finite(loss_value, epoch, step)
+            loss_value = all_reduce_mean(loss.item())
+            check_finite(loss_value, epoch, step)
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params,
                                     update_grad=update)
         if update:
@@ -67,14 +72,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 def evaluate(data_loader, model, device, args, input_fn=None):
     """Cross-entropy, top-1 and top-5 accuracy (top-k with k capped at the number of classes)."""
     criterion = torch.nn.CrossEntropyLoss()
-    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ")
     model.eval()
     for samples, targets in metric_logger.log_every(data_loader, PRINT_FREQ, "Test:"):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if input_fn is not None:
             samples = input_fn(samples)
-        with misc.autocast(device, args.amp):
+        with autocast(device, args.amp):
             output = model(samples)
         output = output.float()
         loss = criterion(output, targets)
@@ -97,10 +102,9 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
     evaluated (default: the unwrapped model). Returns classifier_result(): the last evaluation (of the
     loaded weights when a resumed run has no epoch left) and the per-epoch history.
     """
-    unwrapped = model.module if hasattr(model, "module") else model
-    checkpoint_model = checkpoint_model or unwrapped
-    eval_model = eval_model or unwrapped
-    log_writer = misc.make_log_writer(args)
+    checkpoint_model = checkpoint_model or unwrap(model)
+    eval_model = eval_model or unwrap(model)
+    log_writer = make_log_writer(args)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     first_epoch, new_epochs, max_accuracy, test_stats = args.start_epoch, [], 0.0, {}
@@ -108,11 +112,11 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
     try:
         for epoch in range(args.start_epoch, args.epochs):
             set_epoch(loader_train, epoch)
-            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
+            seed_everything(derive_seed(args.seed, epoch, get_rank()))
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
                                           max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
                                           args=args, input_fn=input_fn)
-            misc.save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
+            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
             test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
@@ -122,15 +126,15 @@ def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler
                 log_writer.flush()
             new_epochs.append({**{f"train_{k}": v for k, v in train_stats.items()},
                                **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
-            misc.append_log(args, new_epochs[-1])
+            append_log(args, new_epochs[-1])
         if not new_epochs:  # resumed after the last epoch
             test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
     finally:
         if log_writer is not None:
             log_writer.close()
-        misc.cleanup_distributed()
+        cleanup_distributed()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    return classifier_result(args, test_stats, misc.epoch_history(args, first_epoch, new_epochs))
+    return classifier_result(args, test_stats, epoch_history(args, first_epoch, new_epochs))
 
 
 def classifier_result(args, test_stats, history):
@@ -147,5 +151,5 @@ def classifier_result(args, test_stats, history):
     return {"acc1": test_stats["acc1"], "acc5": test_stats["acc5"], "loss": test_stats["loss"],
             "max_acc1": max([test_stats["acc1"]] + [stats["test_acc1"] for stats in history]),
             "max_acc5": max([test_stats["acc5"]] + [stats["test_acc5"] for stats in history]),
-            "epochs": args.epochs, "history": history, "checkpoint": misc.checkpoint_path(args),
+            "epochs": args.epochs, "history": history, "checkpoint": checkpoint_path(args),
             "output_dir": args.output_dir}

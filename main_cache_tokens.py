@@ -16,11 +16,18 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from taming.models.vqgan import build_vqgan, token_grid_size
+from util.cli import add_runtime_args, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform
-from util.misc import (UsageError, add_runtime_args, barrier, init_distributed_mode, is_main_process, run_script,
-                       seed_everything)
-from util.perf import add_perf_args, resolve_perf_args, tokenizer_dtype
+from util.distributed import barrier, is_main_process
+from util.errors import UsageError
+from util.perf import add_perf_args, tokenizer_dtype
+from util.run import setup_run
+from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
+
+
+VIEWS = ("random_crops", "flips")
+FLIPS = ((), (3,), (2,), (2, 3))  # the dims a view flips: none, horizontal, vertical, both
 
 
 def get_args_parser():
@@ -43,16 +50,13 @@ def get_args_parser():
     return parser
 
 
-VIEWS = ("random_crops", "flips")
-FLIPS = ((), (3,), (2,), (2, 3))  # the dims a view flips: none, horizontal, vertical, both
-
-
 def check_args(args):
     if args.num_views < 1:
         raise UsageError("--num_views must be at least 1")
     if args.views == "flips" and args.num_views > len(FLIPS):
         raise UsageError(f"--views flips has {len(FLIPS)} views (the image and its flips); got --num_views "
                          f"{args.num_views}")
+    check_split(args.data_path, "train")
 
 
 def view_transform(args):
@@ -99,16 +103,15 @@ def main(args):
         output_dir, num_images, num_views, views, grid_size, codebook_size   what the cache holds
         written   False when --output_dir already held this cache and nothing was tokenized
     """
-    resolve_perf_args(args)
-    check_args(args)
-    folder = check_split(args.data_path, "train")
-    init_distributed_mode(args)
+    # the cache folder is checked against the tokenizer's settings before it is created
+    setup_run(args, check_args, create_output_dir=False)
     seed_everything(args.seed)  # the same tokenizer on every rank even without --vqgan_ckpt
     vqgan, vqgan_settings = build_vqgan(args.vqgan_config, args.vqgan_ckpt)
     if vqgan_settings["n_embed"] > 2 ** 16:
         raise UsageError(f"codebook of {vqgan_settings['n_embed']} entries does not fit uint16 token ids")
     vqgan.to(args.device).set_inference_mode(tokenizer_dtype(args, args.device), channels_last=args.channels_last)
-    dataset = SeededImageFolder(folder, view_transform(args), seed=args.seed, skip_bad_images=args.skip_bad_images)
+    dataset = SeededImageFolder(check_split(args.data_path, "train"), view_transform(args), seed=args.seed,
+                                skip_bad_images=args.skip_bad_images)
     settings = cache_settings(args, vqgan_settings, len(dataset))
     result = {"output_dir": args.output_dir, **{key: settings[key] for key in (
         "num_images", "num_views", "views", "grid_size", "codebook_size")}}

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, write_image_folder
 from gen_img_uncond import build_model, check_args, get_args_parser, prepare_folder
 from models_mage import mage_vit_tiny_patch16
 from util.checkpoint import CheckpointError
-from util.misc import UsageError
+from util.errors import UsageError
 
 NUM_IMAGES = 8
 COMMON = ["--model", "mage_vit_tiny_patch16", "--num_images", str(NUM_IMAGES), "--num_iter", "3",

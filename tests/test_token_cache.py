@@ -11,7 +11,7 @@ import main_cache_tokens
 from conftest import REPO_ROOT, write_image_folder
 from taming.models.vqgan import build_vqgan
 from util.datasets import SeededImageFolder, pretrain_transform
-from util.misc import UsageError
+from util.errors import UsageError
 from util.token_cache import CachedTokenDataset
 
 COMMON = ["--vqgan_config", "config/vqgan_tiny.yaml", "--num_views", "2", "--batch_size", "4",
