@@ -229,6 +229,9 @@ def print_table(results, compare):
 
 
 def main(args):
+    """Time the tasks; returns the record that --json writes: config (the flags), device_name, torch, threads,
+    and results[mode][task] = {images_per_s, seconds_per_batch, peak_memory_mb, gflops_per_image, mfu}
+    (the last two for the training and feature tasks; mfu with a known peak)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

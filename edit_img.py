@@ -206,18 +206,24 @@ def save_png(image, path):
 
 
 def main(args):
+    """Edit every input; returns:
+        images      the written OUTPUT_DIR/<name>_<mode>.png, in input order
+        grid        OUTPUT_DIR/grid_<mode>.png (input | kept tokens | result rows, the first 16 images)
+        mode, output_dir   --mode and --output_dir
+    """
     setup_run(args, check_edit_args)
     paths = list_images(args.input)
     model = build_model(args)
     resolution = model.grid_size * model.vqgan.downsample_factor
-    rows = []
+    rows, written = [], []
     for start in range(0, len(paths), args.batch_size):
         batch_paths = paths[start:start + args.batch_size]
         indices = list(range(start, start + len(batch_paths)))
         canvases, views, results = edit_batch(model, args, batch_paths, indices, resolution)
         for path, canvas, view, result in zip(batch_paths, canvases, views, results):
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_png(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            written.append(os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            save_png(result, written[-1])
             if len(rows) < 3 * GRID_ROWS:
                 rows.extend([canvas, view, result])
         print(f"edited {start + len(batch_paths)}/{len(paths)}")
@@ -225,6 +231,7 @@ def main(args):
     save_png(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
     print(f"wrote {len(paths)} images and {grid_path}")
     cleanup_distributed()
+    return {"images": written, "grid": grid_path, "mode": args.mode, "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

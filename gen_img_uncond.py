@@ -197,9 +197,19 @@ def evaluate(args, image_dir, folder, settings):
               "feature_extractor": args.fid_feature_extractor, "settings": settings}
     save_json_atomic(os.path.join(folder, "metrics.json"), report)
     print(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def main(args):
+    """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid, settings, metrics None):
+        folder      OUTPUT_DIR/<settings>/, the run folder (settings.json, grid.png, metrics.json)
+        image_dir   folder/images/, the samples 00000.png ... only
+        grid        folder/grid.png, the first 64 samples
+        num_images  --num_images
+        settings    what the images depend on (settings.json)
+        metrics     torch-fidelity's metrics with --eval_fid (frechet_inception_distance,
+                    inception_score_mean, ...), else None
+    """
     setup_run(args, check_args, create_output_dir=False)  # prepare_folder lays out the run folder
     if args.eval_fid and args.fid_feature_extractor == INCEPTION and is_main_process():
         resolve_inception_weights(args.fid_weights or None)  # fail now rather than after generating
@@ -223,13 +233,17 @@ def main(args):
                     save_png(array, path)
             progress.update(len(indices))
     barrier()
+    result = {"folder": folder, "image_dir": image_dir, "grid": None, "num_images": args.num_images,
+              "settings": settings, "metrics": None}
     if is_main_process():
-        save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
-        print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
+        result["grid"] = os.path.join(folder, "grid.png")
+        save_grid(image_dir, args.num_images, result["grid"])
+        print(f"wrote {image_dir} and {result['grid']}")
         if args.eval_fid:
-            evaluate(args, image_dir, folder, settings)
+            result["metrics"] = evaluate(args, image_dir, folder, settings)
     barrier()
     cleanup_distributed()
+    return result
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def pixel_fn(args):
 
 
 def main(args):
+    """Fine-tune; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     setup_run(args, check_args)
     device = args.device
     model = build_model(args)

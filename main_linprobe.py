@@ -142,6 +142,8 @@ def build_data(model, args):
 
 
 def main(args):
+    """Linear-probe; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     setup_run(args, check_args)
     device = args.device
     model = apply_perf_settings(build_model(args).to(device), args, device)

@@ -8,7 +8,7 @@ import models_mage
 import util.datasets as data
 from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model, resolve_resume_path
+from util.checkpoint import checkpoint_path, load_model, resolve_resume_path
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
@@ -108,6 +108,16 @@ def build_model(args):
 
 
 def main(args):
+    """Pre-train; returns the run's result (rank 0; other ranks: the same keys, `history` holding only the
+    epochs they ran):
+        final_loss       train loss of the last epoch (None when a resumed run finds no epoch in its log)
+        epochs           the --epochs the run trained to
+        steps_per_epoch  batches per epoch and process (optimizer steps: this / --accum_iter)
+        history          per-epoch stats (log.txt's lines: train_loss, train_lr, train_mask_ratio,
+                         train_grad_norm, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint       output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir       --output_dir
+    """
     setup_run(args, check_args)
     device = args.device
     model = build_model(args)
@@ -135,7 +145,10 @@ def main(args):
         return train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer,
                                args=args)
 
-    fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
+    history, _ = fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
+    return {"final_loss": history[-1]["train_loss"] if history else None, "epochs": args.epochs,
+            "steps_per_epoch": len(data_loader_train), "history": history,
+            "checkpoint": checkpoint_path(args), "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

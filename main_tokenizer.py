@@ -14,8 +14,8 @@ import time
 import torch
 from torchvision import transforms
 
-from engine_tokenizer import (CodebookMonitor, TokenizerForward, evaluate, export_tokenizer, reconstruction_grid,
-                              train_one_epoch)
+from engine_tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, CodebookMonitor, TokenizerForward, evaluate,
+                              export_tokenizer, reconstruction_grid, train_one_epoch)
 from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import VQGANLoss
 from util.checkpoint import (CHECKPOINT_LAST, args_for_checkpoint, load_checkpoint, load_state_dict_checked,
@@ -24,7 +24,7 @@ from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.datasets import build_image_folder, build_loader, set_epoch
 from util.distributed import barrier, cleanup_distributed, get_world_size, is_main_process, wrap_ddp
 from util.errors import CheckpointError, UsageError
-from util.metrics import append_log, make_log_writer
+from util.metrics import append_log, epoch_history, make_log_writer
 from util.precision import NativeScalerWithGradNormCount
 from util.run import setup_run
 
@@ -130,6 +130,15 @@ def resume_training_state(args, state):
 
 
 def main(args):
+    """Train the tokenizer; returns (every rank; only rank 0 writes the files and reads earlier epochs back):
+        psnr, l1, codebook_usage, perplexity   val metrics of the final weights (dB, -, % of codes, -)
+        epochs, steps, train_time_s            the schedule trained to and its training time (all processes)
+        history                                per-epoch stats (log.txt's lines), including the epochs of an
+                                               earlier process of a resumed run
+        tokenizer, tokenizer_config            output_dir/tokenizer.ckpt and tokenizer.yaml ('' without
+                                               --output_dir): the --vqgan_ckpt / --vqgan_config of MAGE runs
+        output_dir                             --output_dir
+    """
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
     if args.log_dir is None:
@@ -174,7 +183,7 @@ def main(args):
     log_writer = make_log_writer(args)
     spread = range(0, len(dataset_val), max(1, len(dataset_val) // GRID_IMAGES))  # across classes
     grid_images = torch.stack([dataset_val[i][0] for i in list(spread)[:GRID_IMAGES]]).to(args.device)
-    metrics = {}
+    metrics, new_epochs = {}, []
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         set_epoch(loader_train, epoch)
@@ -196,6 +205,7 @@ def main(args):
                 log_writer.add_image("val/reconstructions", reconstruction_grid(vqmodel, grid_images), step)
                 log_writer.flush()
         append_log(args, stats)
+        new_epochs.append(stats)
 
     if not metrics:  # resumed after the last epoch: evaluate the final weights again
         metrics = evaluate(vqmodel, loader_val, args.device)
@@ -210,7 +220,10 @@ def main(args):
     if log_writer is not None:
         log_writer.close()
     cleanup_distributed()
-    return metrics
+    files = {name: os.path.join(args.output_dir, file) if args.output_dir else ""
+             for name, file in (("tokenizer", TOKENIZER_FILE), ("tokenizer_config", TOKENIZER_CONFIG_FILE))}
+    return {**metrics, "history": epoch_history(args, start_epoch, new_epochs), **files,
+            "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def convert(job, transform, output_dir, digits):
 
 
 def main(args):
+    """Write the references; returns {output_dir, num_images (in the folder), num_written (by this call)}."""
     root = os.path.join(args.data_path, args.split)
     if not os.path.isdir(root):
         raise SystemExit(f"error: '{root}' is not a folder (expected an ImageFolder split: {root}/<class>/<image>)")
@@ -68,6 +69,7 @@ def main(args):
             for job in jobs:
                 work(job)
                 progress.update()
+    return {"output_dir": args.output_dir, "num_images": len(samples), "num_written": len(jobs)}
 
 
 if __name__ == "__main__":

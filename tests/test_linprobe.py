@@ -62,6 +62,16 @@ def test_only_the_head_trains_and_eval_reproduces_accuracy(tmp_path, setup):
     assert evaluated["acc1"] == stats["acc1"]
 
 
+def test_rerun_of_a_finished_probe_reports_the_whole_run(tmp_path, setup):
+    argv = probe_args(setup, tmp_path / "out", "--cache_features", "--epochs", 2, "--auto_resume")
+    first = main_linprobe.main(parse(main_linprobe, argv))
+    again = main_linprobe.main(parse(main_linprobe, argv))  # nothing left to train: read back and evaluated
+    assert [e["epoch"] for e in first["history"]] == [0, 1] and again["history"] == first["history"]
+    assert again["acc1"] == first["acc1"] == first["history"][-1]["test_acc1"]
+    assert first["max_acc1"] == max(e["test_acc1"] for e in first["history"])
+    assert again["checkpoint"] == str(tmp_path / "out" / "checkpoint-last.pth")
+
+
 def test_torchrun_cached_probe_gathers_features_from_both_processes(tmp_path, setup):
     out = tmp_path / "out"
     result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_features", "--dist_eval",

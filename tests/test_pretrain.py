@@ -94,7 +94,8 @@ def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_co
 def test_resume_and_auto_resume_continue_exactly(tmp_path, shapes, tokenizer_config):
     """2 epochs straight == epoch 0, a restart from its checkpoint, then epoch 1 (dropout and crops included)."""
     common = ("--batch_size", 8, "--epochs", 2, "--warmup_epochs", 1, "--blr", 0.03, "--save_every", 1)
-    main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "straight", tokenizer_config, *common)))
+    straight_result = main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "straight",
+                                                                            tokenizer_config, *common)))
     straight = model_state(tmp_path / "straight" / "checkpoint-last.pth")
 
     # a crash after epoch 0 leaves exactly checkpoint-0 behind; --resume a file
@@ -108,11 +109,19 @@ def test_resume_and_auto_resume_continue_exactly(tmp_path, shapes, tokenizer_con
     # re-running the same command with --auto_resume picks up output_dir/checkpoint-last.pth
     os.makedirs(tmp_path / "auto")
     shutil.copy(tmp_path / "straight" / "checkpoint-0.pth", tmp_path / "auto" / "checkpoint-last.pth")
-    main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "auto", tokenizer_config, *common,
-                                                          "--auto_resume")))
+    with open(tmp_path / "auto" / "log.txt", "w") as f:  # what the crashed process logged
+        f.write(json.dumps(read_log(tmp_path / "straight")[0]) + "\n")
+    auto_result = main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, tmp_path / "auto", tokenizer_config,
+                                                                        *common, "--auto_resume")))
     auto = load_checkpoint(tmp_path / "auto" / "checkpoint-last.pth")
-    assert auto["epoch"] == 1 and [e["epoch"] for e in read_log(tmp_path / "auto")] == [1]
+    assert auto["epoch"] == 1 and [e["epoch"] for e in read_log(tmp_path / "auto")] == [0, 1]
     assert max_abs_difference(straight, auto["model"]) == 0
+    # the result covers the whole run, the crashed process's epoch included
+    assert [e["epoch"] for e in straight_result["history"]] == [0, 1]
+    assert auto_result["history"] == straight_result["history"] == read_log(tmp_path / "straight")
+    assert auto_result["final_loss"] == straight_result["history"][-1]["train_loss"]
+    assert auto_result["checkpoint"] == str(tmp_path / "auto" / "checkpoint-last.pth")
+    assert auto_result["steps_per_epoch"] == 4  # 32 images / batch 8
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, shapes, tokenizer_config, monkeypatch):

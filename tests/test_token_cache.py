@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import main_cache_tokens
 from conftest import REPO_ROOT, write_image_folder
 from taming.models.vqgan import build_vqgan
 from util.datasets import SeededImageFolder, pretrain_transform
+from util.errors import UsageError
 from util.token_cache import CachedTokenDataset
 
 COMMON = ["--vqgan_config", "config/vqgan_tiny.yaml", "--num_views", "2", "--batch_size", "4",
@@ -93,3 +95,39 @@ def test_views_are_drawn_per_epoch(data, tmp_path):
         assert len(view) >= 1
         seen.update(view)
     assert seen == {0, 1}
+
+
+
+def flip_cache_args(data, ckpt, cache, num_views=4):
+    return main_cache_tokens.get_args_parser().parse_args([
+        "--data_path", data, "--output_dir", cache, "--vqgan_ckpt", ckpt, "--views", "flips",
+        "--num_views", str(num_views), "--vqgan_config", "config/vqgan_tiny.yaml", "--batch_size", "4",
+        "--num_workers", "0", "--device", "cpu", "--amp", "none"])
+
+
+@pytest.mark.slow
+def test_flip_views_hold_the_whole_image_and_its_flips(data, tokenizer, tmp_path):
+    """--views flips (demo.py's cache): view k is the whole image (Resize + CenterCrop), flipped not at all,
+    horizontally, vertically, or both, tokenized. Compared in this process with the same batches and
+    tokenizer settings, so the codes must be equal."""
+    _, ckpt = tokenizer
+    cache = str(tmp_path / "flips")
+    result = main_cache_tokens.main(flip_cache_args(data, ckpt, cache))
+    assert result["written"] and (result["num_images"], result["num_views"], result["grid_size"]) == (9, 4, 16)
+    tokens = torch.from_numpy(np.load(os.path.join(cache, "tokens-rank00000.npy")).astype(np.int64))
+
+    vqgan, _ = build_vqgan("config/vqgan_tiny.yaml", ckpt)
+    vqgan.set_inference_mode(torch.float32, channels_last=True)  # the script's settings for --amp none
+    transform = main_cache_tokens.view_transform(flip_cache_args(data, ckpt, cache))
+    dataset = SeededImageFolder(os.path.join(data, "train"), transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    for view, dims in enumerate(((), (3,), (2,), (2, 3))):
+        with torch.no_grad():
+            expected = torch.cat([vqgan.encode(batch.flip(dims))[2][2].view(len(batch), -1)
+                                  for batch in images.split(4)])
+        assert torch.equal(tokens[:, view], expected), view
+    assert not torch.equal(tokens[:, 0], tokens[:, 1]) and not torch.equal(tokens[:, 0], tokens[:, 2])
+
+    assert not main_cache_tokens.main(flip_cache_args(data, ckpt, cache))["written"]  # complete: reused
+    with pytest.raises(UsageError, match="--views flips"):
+        main_cache_tokens.main(flip_cache_args(data, ckpt, str(tmp_path / "five"), num_views=5))

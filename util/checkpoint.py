@@ -181,6 +181,11 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
     return paths
 
 
+def checkpoint_path(args):
+    """output_dir/checkpoint-last.pth when the run writes checkpoints, else ''."""
+    return os.path.join(args.output_dir, CHECKPOINT_LAST) if getattr(args, "output_dir", "") else ""
+
+
 def args_for_checkpoint(args):
     """A copy of args whose values are plain types (torch.device -> str) so weights_only loading accepts it."""
     plain = argparse.Namespace(**vars(args))

@@ -129,3 +129,18 @@ def append_log(args, stats):
         return
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
+
+
+def epoch_history(args, first_epoch, new_epochs):
+    """The per-epoch stats of a whole run: output_dir/log.txt's lines for the epochs before `first_epoch`
+    (what the earlier process of a resumed run wrote; the latest line of each epoch), then `new_epochs`.
+    Only rank 0 reads log.txt: other ranks get `new_epochs` alone."""
+    earlier = {}
+    path = os.path.join(getattr(args, "output_dir", "") or "", "log.txt")
+    if first_epoch > 0 and is_main_process() and args.output_dir and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                stats = json.loads(line)
+                if stats.get("epoch", first_epoch) < first_epoch:
+                    earlier[stats["epoch"]] = stats
+    return [earlier[epoch] for epoch in sorted(earlier)] + list(new_epochs)
