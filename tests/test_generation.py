@@ -3,6 +3,7 @@ kill, checkpoint errors before any work, FID evaluation written to metrics.json.
 import glob
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import gen_img_uncond
-from conftest import REPO_ROOT, write_image_folder
+from conftest import REPO_ROOT, draw_shape_image
 from gen_img_uncond import build_model, check_args, get_args_parser, prepare_folder
 from models_mage import mage_vit_tiny_patch16
 from train_support import run_torchrun, script_env
@@ -55,14 +56,17 @@ def image_bytes(output_dir):
 @pytest.fixture(scope="module")
 def reference_run(ckpt, tmp_path_factory):
     """(output dir, reference folder): one process, batch 2, evaluated with the offline feature extractor
-    against a small image folder."""
+    against a folder of shapes (varied enough for an inception score above 1, unlike the samples)."""
     root = tmp_path_factory.mktemp("gen")
-    references = os.path.join(write_image_folder(root / "refs", splits=(("val", 3),), size=64), "val",
-                              "class_0_ellipse")
+    references = root / "refs"
+    os.makedirs(references)
+    rng = random.Random(0)
+    for k in range(20):
+        draw_shape_image(("ellipse", "rectangle")[k % 2], 64, rng).save(references / f"{k:05d}.png")
     output_dir = str(root / "single")
     generate("--ckpt", ckpt, "--batch_size", 2, "--output_dir", output_dir, "--eval_fid", "--fid_ref", references,
              "--fid_feature_extractor", PIXEL_STATS)
-    return output_dir, references
+    return output_dir, str(references)
 
 
 def test_layout_grid_and_metrics(reference_run):
