@@ -63,6 +63,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_benchmark_records_every_mode_and_task_with_their_flops(tmp_path):
     out = tmp_path / "bench.json"
     args = benchmark.get_args_parser().parse_args(

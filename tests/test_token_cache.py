@@ -30,7 +30,7 @@ def cache_tokens(argv):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data"), splits=(("train", 3),), num_classes=3, size=64)
+    return write_image_folder(tmp_path_factory.mktemp("data"), splits=(("train", 3),), num_classes=2, size=64)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_view_v_is_the_seeded_augmentation_of_epoch_v_tokenized(single_process_c
     vqgan, _ = tokenizer
     dataset = SeededImageFolder(os.path.join(data, "train"), pretrain_transform(256), seed=0)
     tokens = torch.from_numpy(np.load(os.path.join(single_process_cache, "tokens-rank00000.npy")).astype(np.int64))
-    assert tokens.shape == (9, 2, 256)
+    assert tokens.shape == (6, 2, 256)
     for view in range(2):
         dataset.set_epoch(view)
         for index in (0, 4):
@@ -81,7 +81,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(single_process_cache, d
 def test_two_processes_write_the_same_cache(single_process_cache, data, tokenizer, tmp_path):
     run_torchrun("main_cache_tokens.py", cache_args(data, tmp_path / "two", tokenizer[1]))
     single, sharded = CachedTokenDataset(single_process_cache), CachedTokenDataset(str(tmp_path / "two"))
-    assert len(single) == len(sharded) == 9 and sharded.meta["world_size"] == 2
+    assert len(single) == len(sharded) == 6 and sharded.meta["world_size"] == 2
     for epoch in range(3):
         single.set_epoch(epoch)
         sharded.set_epoch(epoch)
