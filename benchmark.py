@@ -26,6 +26,7 @@ import models_mage
 import models_vit
 from models_vit import load_mage_checkpoint_into_classifier
 from util.perf import REFERENCE_NUMERICS, adamw_kwargs, apply_perf_settings
+from util.precision import autocast
 from util.sampling import decode_tokens, iterative_decode
 
 TASKS = ("pretrain", "pretrain_cached", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
@@ -65,13 +66,6 @@ def mode_settings(args, reference):
     return SimpleNamespace(name="fast", amp=args.amp, fused_attn=args.fused_attn, channels_last=args.channels_last,
                            tokenizer_dtype="auto", compile=args.compile, fused_optimizer=args.fused_optimizer,
                            grad_checkpointing=args.grad_checkpointing)
-
-
-def autocast_for(settings, device):
-    if settings.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device):
@@ -144,7 +138,7 @@ def task_steps(args, settings, mage, classifier, device):
     def pretrain_step(cached):
         def run():
             mage.train()
-            with autocast_for(settings, device):
+            with autocast(device, settings.amp):
                 if cached:
                     loss, _, _ = mage(None, gt_indices=token_ids, generator=generator)
                 else:
@@ -159,26 +153,26 @@ def task_steps(args, settings, mage, classifier, device):
 
     @torch.no_grad()
     def encode():
-        with autocast_for(settings, device):
+        with autocast(device, settings.amp):
             mage.tokenize(images)
 
     @torch.no_grad()
     def decode():
-        with autocast_for(settings, device):
+        with autocast(device, settings.amp):
             decode_tokens(mage, token_ids)
 
     def generate(num_iter):
         @torch.no_grad()
         def run():
             start = torch.full((bsz, mage.seq_len), mage.mask_token_label, dtype=torch.long, device=device)
-            with autocast_for(settings, device):
+            with autocast(device, settings.amp):
                 decode_tokens(mage, iterative_decode(mage, start, num_iter=num_iter, temperature=4.5,
                                                      generator=generator))
         return run
 
     @torch.no_grad()
     def linprobe_features():
-        with autocast_for(settings, device):
+        with autocast(device, settings.amp):
             classifier.forward_features(images)
 
     return {"pretrain": pretrain_step(cached=False), "pretrain_cached": pretrain_step(cached=True),

@@ -47,10 +47,11 @@ import main_tokenizer
 import models_vit
 from engine_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from taming.models.vqgan import build_vqgan, load_vqgan_config, token_grid_size
-from util import misc
 from util import synthetic_data
-from util.checkpoint import CheckpointError
+from util.checkpoint import CHECKPOINT_LAST, save_json_atomic
+from util.errors import CheckpointError, TrainingError, UsageError
 from util.fid import INCEPTION, compute_metrics, inception_cache_path
+from util.precision import autocast, default_amp
 from util.token_cache import META_FILE, write_meta, write_shard
 
 STAGES = ("data", "tokenizer", "pretrain", "generate", "probe", "classes", "fid")
@@ -117,19 +118,12 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj):
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp_path, path)
-
-
 def run_script(module, argv):
     """module.main(parsed argv) in this process; the scripts' usage and training errors stop the demo."""
     args = module.get_args_parser().parse_args([str(a) for a in argv])
     try:
         return module.main(args)
-    except (misc.UsageError, misc.TrainingError, CheckpointError) as err:
+    except (UsageError, TrainingError, CheckpointError) as err:
         raise SystemExit(f"demo: {module.__name__} failed: {err}") from None
 
 
@@ -180,12 +174,12 @@ class Demo:
                 shutil.rmtree(folder)
             resuming = os.path.isfile(settings_path)
             os.makedirs(folder, exist_ok=True)
-            write_json(settings_path, settings)
+            save_json_atomic(settings_path, settings, indent=1)
             print(f"\n== {header}{' (continuing an interrupted run)' if resuming else ''}", flush=True)
             start = time.time()
             result = work(folder)
             record = {"settings": settings, "result": result, "time_s": round(time.time() - start, 1)}
-            write_json(done_path, record)
+            save_json_atomic(done_path, record, indent=1)
             print(f"== {name} finished in {record['time_s']:.0f} s: {describe(name, result)}", flush=True)
         self.results[name], self.times[name] = record["result"], record["time_s"]
 
@@ -242,7 +236,7 @@ class Demo:
         schedules, but in the demo's few epochs the model would then learn zoomed-in parts more than shapes."""
         vqgan, settings = build_vqgan(*reversed(self.tokenizer_files()))
         # the tokenizer precision of the scripts' default fast path (codes are chosen by float32 distances)
-        vqgan.to(self.device).set_inference_mode(AMP_TOKENIZER_DTYPES[misc.default_amp()], channels_last=True)
+        vqgan.to(self.device).set_inference_mode(AMP_TOKENIZER_DTYPES[default_amp()], channels_last=True)
         images, labels = self.split_images("train")
         views = [images, images.flip(3), images.flip(2), images.flip(2).flip(3)][:num_views]
         tokens = np.stack([torch.cat([vqgan.encode(batch.to(self.device))[2][2].view(len(batch), -1).cpu()
@@ -255,7 +249,7 @@ class Demo:
         print(f"cached the tokens of {len(images)} training images x {num_views} views in {cache}")
 
     def mage_checkpoint(self):
-        return self.path("pretrain", misc.CHECKPOINT_LAST)
+        return self.path("pretrain", CHECKPOINT_LAST)
 
     def generator_args(self, preset):
         return ["--model", self.preset["pretrain"]["model"], "--ckpt", self.mage_checkpoint(),
@@ -318,12 +312,12 @@ class Demo:
         model = models_vit.vit_demo(num_classes=len(self.results["data"]["classes"]), global_pool=True,
                                     vqgan_config=self.tokenizer_files()[1])
         models_vit.load_mage_checkpoint_into_classifier(model, self.mage_checkpoint())
-        amp = misc.default_amp()
+        amp = default_amp()
         model.to(self.device).eval().vqgan.set_inference_mode(AMP_TOKENIZER_DTYPES[amp], channels_last=True)
         arrays = []
         for split in ("train", "val"):
             images, labels = self.split_images(split)
-            with misc.autocast(self.device, amp):
+            with autocast(self.device, amp):
                 features = [model.forward_features(batch.to(self.device)).float().cpu() for batch in images.split(256)]
             arrays += [torch.cat(features), labels]
         return arrays
@@ -455,7 +449,7 @@ class Demo:
                 print(f"stopped after stage '{name}' (--stop_after); run the same command again to continue")
                 return None
         summary = self.summary(time.time() - start, load_start)
-        write_json(self.path("summary.json"), summary)
+        save_json_atomic(self.path("summary.json"), summary, indent=1)
         print_table(summary)
         print(f"wrote {self.path('summary.json')} and pictures in {self.path('pictures')}")
         return summary

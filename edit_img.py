@@ -26,7 +26,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.utils import make_grid, save_image
 
 from gen_img_uncond import add_model_args, build_model, check_model_args
-from util import misc
+from util.checkpoint import write_atomic
+from util.cli import add_runtime_args, run_script
+from util.distributed import cleanup_distributed
+from util.errors import UsageError
+from util.precision import autocast
+from util.run import setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -53,7 +58,7 @@ def get_args_parser():
     sampling.add_argument("--num_iter", default=12, type=int)
     sampling.add_argument("--batch_size", default=8, type=int)
     sampling.add_argument("--output_dir", default="output_dir/edit")
-    misc.add_runtime_args(parser)
+    add_runtime_args(parser)
     return parser
 
 
@@ -61,10 +66,10 @@ def list_images(path):
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise misc.UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'")
+            raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{path}'")
         return files
     if not os.path.isfile(path):
-        raise misc.UsageError(f"--input '{path}' is neither an image file nor a folder")
+        raise UsageError(f"--input '{path}' is neither an image file nor a folder")
     return [path]
 
 
@@ -75,11 +80,11 @@ def outpaint_margins(args, resolution):
     elif args.outpaint_pixels is not None:
         margins = (args.outpaint_pixels,) * 4
     else:
-        raise misc.UsageError("--mode outpaint needs --outpaint_pixels N or --outpaint LEFT TOP RIGHT BOTTOM")
+        raise UsageError("--mode outpaint needs --outpaint_pixels N or --outpaint LEFT TOP RIGHT BOTTOM")
     left, top, right, bottom = margins
     if min(margins) < 0 or left + right >= resolution or top + bottom >= resolution or not any(margins):
-        raise misc.UsageError(f"outpaint margins {margins} must be >= 0, not all 0, and leave part of the "
-                              f"{resolution}x{resolution} canvas for the image")
+        raise UsageError(f"outpaint margins {margins} must be >= 0, not all 0, and leave part of the "
+                         f"{resolution}x{resolution} canvas for the image")
     return margins
 
 
@@ -87,15 +92,16 @@ def check_edit_args(args):
     check_model_args(args)
     has_region = args.box is not None or bool(args.mask_image)
     if args.mode == "inpaint" and args.box is not None and args.mask_image:
-        raise misc.UsageError("give either --box or --mask_image, not both")
+        raise UsageError("give either --box or --mask_image, not both")
     if args.mode == "inpaint" and not has_region:
-        raise misc.UsageError("--mode inpaint needs --box X0 Y0 X1 Y1 or --mask_image")
+        raise UsageError("--mode inpaint needs --box X0 Y0 X1 Y1 or --mask_image")
     if args.mode != "inpaint" and has_region:
-        raise misc.UsageError(f"--box / --mask_image only apply to --mode inpaint, not {args.mode}")
+        raise UsageError(f"--box / --mask_image only apply to --mode inpaint, not {args.mode}")
     if args.mode != "outpaint" and (args.outpaint is not None or args.outpaint_pixels is not None):
-        raise misc.UsageError("--outpaint / --outpaint_pixels only apply to --mode outpaint")
+        raise UsageError("--outpaint / --outpaint_pixels only apply to --mode outpaint")
     if args.box is not None and not (args.box[0] < args.box[2] and args.box[1] < args.box[3]):
-        raise misc.UsageError(f"--box {args.box}: need x0 < x1 and y0 < y1")
+        raise UsageError(f"--box {args.box}: need x0 < x1 and y0 < y1")
+    list_images(args.input)
 
 
 def fit(img, height, width, interpolation=InterpolationMode.BILINEAR):
@@ -121,7 +127,7 @@ def region_image(args, img, path):
         stem = os.path.splitext(os.path.basename(path))[0]
         candidates = [n for n in sorted(os.listdir(mask_path)) if os.path.splitext(n)[0] == stem]
         if not candidates:
-            raise misc.UsageError(f"no mask named '{stem}.*' in '{mask_path}' for input '{path}'")
+            raise UsageError(f"no mask named '{stem}.*' in '{mask_path}' for input '{path}'")
         mask_path = os.path.join(mask_path, candidates[0])
     with Image.open(mask_path) as mask:
         mask = mask.convert("L").point(lambda v: 255 if v > 127 else 0)
@@ -147,7 +153,7 @@ def prepare_canvas(args, path, resolution):
     region = fit(region_image(args, img, path), resolution, resolution, interpolation=InterpolationMode.BOX)
     pixel_mask = TF.to_tensor(region)[0] > 0
     if not pixel_mask.any():
-        raise misc.UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
+        raise UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
     return canvas, pixel_mask
 
 
@@ -171,7 +177,7 @@ def edit_tokens(model, canvases, pixel_masks, num_iter, temperature, generator, 
     if not token_mask.any():  # reconstruction: nothing to regenerate
         return ids_in, token_mask, ids_in
     start = ids_in.masked_fill(token_mask, model.mask_token_label)
-    with misc.autocast(canvases.device, amp):
+    with autocast(canvases.device, amp):
         ids_out = iterative_decode(model, start, num_iter=num_iter, temperature=temperature, generator=generator)
     return ids_in, token_mask, ids_out
 
@@ -195,13 +201,15 @@ def edit_batch(model, args, paths, indices, resolution):
     return canvases.cpu(), views.cpu(), results.cpu()
 
 
+def save_png(image, path):
+    write_atomic(path, lambda f: save_image(image, f, format="png"), sync=False)
+
+
 def main(args):
-    check_edit_args(args)
+    setup_run(args, check_edit_args)
     paths = list_images(args.input)
-    args.device = torch.device(args.device)
     model = build_model(args)
     resolution = model.grid_size * model.vqgan.downsample_factor
-    os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for start in range(0, len(paths), args.batch_size):
         batch_paths = paths[start:start + args.batch_size]
@@ -209,14 +217,15 @@ def main(args):
         canvases, views, results = edit_batch(model, args, batch_paths, indices, resolution)
         for path, canvas, view, result in zip(batch_paths, canvases, views, results):
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_image(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            save_png(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
             if len(rows) < 3 * GRID_ROWS:
                 rows.extend([canvas, view, result])
         print(f"edited {start + len(batch_paths)}/{len(paths)}")
     grid_path = os.path.join(args.output_dir, f"grid_{args.mode}.png")
-    save_image(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
+    save_png(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
     print(f"wrote {len(paths)} images and {grid_path}")
+    cleanup_distributed()
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

@@ -3,15 +3,15 @@
 `input_fn` maps a loaded batch to what `model` takes: undoing the mean/std normalisation for fine-tuning,
 or frozen backbone features for the linear probe (where `model` is only the trained head).
 """
-import datetime
-import time
-
 import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
-import util.misc as misc
-from util.datasets import set_epoch
+from util.distributed import all_reduce_mean, no_sync_if, unwrap
+from util.errors import check_finite
+from util.metrics import MetricLogger, SmoothedValue
+from util.precision import autocast
+from util.train_loop import fit
 
 PRINT_FREQ = 20
 
@@ -20,8 +20,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                     mixup_fn=None, log_writer=None, args=None, input_fn=None):
     model.train(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     accum_iter = args.accum_iter
     steps = len(data_loader)
 
@@ -37,11 +37,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             samples = input_fn(samples)
         update = (step + 1) % accum_iter == 0
 
-        with misc.no_sync_if(model, not update):
-            with misc.autocast(device, args.amp):
+        with no_sync_if(model, not update):
+            with autocast(device, args.amp):
                 loss = criterion(model(samples), targets)
-            loss_value = misc.all_reduce_mean(loss.item())
-            misc.check_finite(loss_value, epoch, step)
+            loss_value = all_reduce_mean(loss.item())
+            check_finite(loss_value, epoch, step)
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params,
                                     update_grad=update)
         if update:
@@ -67,14 +67,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 def evaluate(data_loader, model, device, args, input_fn=None):
     """Cross-entropy, top-1 and top-5 accuracy (top-k with k capped at the number of classes)."""
     criterion = torch.nn.CrossEntropyLoss()
-    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ")
     model.eval()
     for samples, targets in metric_logger.log_every(data_loader, PRINT_FREQ, "Test:"):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if input_fn is not None:
             samples = input_fn(samples)
-        with misc.autocast(device, args.amp):
+        with autocast(device, args.amp):
             output = model(samples)
         output = output.float()
         loss = criterion(output, targets)
@@ -89,41 +89,32 @@ def evaluate(data_loader, model, device, args, input_fn=None):
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
-        mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
-    """Train for args.start_epoch..args.epochs: one epoch, a checkpoint, an evaluation, logs.
+def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
+                   mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
+    """Train for args.start_epoch..args.epochs with util.train_loop.fit, evaluating after every epoch.
 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
     evaluated (default: the unwrapped model). Returns the last evaluation's statistics.
     """
-    unwrapped = model.module if hasattr(model, "module") else model
-    checkpoint_model = checkpoint_model or unwrapped
-    eval_model = eval_model or unwrapped
-    log_writer = misc.make_log_writer(args)
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    max_accuracy, test_stats = 0.0, {}
+    eval_model = eval_model or unwrap(model)
     num_val = len(loader_val.dataset)
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            set_epoch(loader_train, epoch)
-            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                          max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
-                                          args=args, input_fn=input_fn)
-            misc.save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
-            test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
-            if log_writer is not None:
-                for key in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-                log_writer.flush()
-            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
-    finally:
+    max_accuracy = 0.0
+
+    def train_epoch(epoch, log_writer):
+        return train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                               max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+                               input_fn=input_fn)
+
+    def evaluate_epoch(epoch, log_writer):
+        nonlocal max_accuracy
+        test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
         if log_writer is not None:
-            log_writer.close()
-        misc.cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        return test_stats
+
+    _, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer, loss_scaler,
+                        evaluate_epoch)
     return test_stats

@@ -9,15 +9,15 @@ import torch
 import torchvision
 
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.distributed import all_reduce_mean, get_rank, get_world_size, no_sync_if, unwrap
+from util.errors import check_finite
+from util.metrics import MetricLogger, SmoothedValue
+from util.precision import autocast
 from util.sampling import generate_images
+from util.seeding import derive_seed
 
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def split_batch(batch, device):
@@ -35,9 +35,9 @@ def split_batch(batch, device):
 
 def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
     """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch."""
-    world, rank = misc.get_world_size(), misc.get_rank()
+    world, rank = get_world_size(), get_rank()
     generator = torch.Generator(device=device)
-    generator.manual_seed(misc.derive_seed(seed, epoch, step))
+    generator.manual_seed(derive_seed(seed, epoch, step))
     token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
     return token_drop_mask[rank::world], token_all_mask[rank::world]
 
@@ -46,8 +46,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
     model.train(True)
     model_without_ddp = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     accum_iter = args.accum_iter
     steps = len(data_loader)
     vis_batch = None
@@ -63,11 +63,11 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
         update = (step + 1) % accum_iter == 0
 
-        with misc.no_sync_if(model, not update):
-            with misc.autocast(device, args.amp):
+        with no_sync_if(model, not update):
+            with autocast(device, args.amp):
                 loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks)
-            loss_value = misc.all_reduce_mean(loss.item())
-            misc.check_finite(loss_value, epoch, step)
+            loss_value = all_reduce_mean(loss.item())
+            check_finite(loss_value, epoch, step)
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,
                                     update_grad=update)
         if update:
@@ -101,11 +101,11 @@ def log_image_grid(model, images, tokens, log_writer, epoch, args):
     model.eval()
     count = args.vis_num
     images = images[:count] if images is not None else None
-    with misc.autocast(args.device, args.amp):
+    with autocast(args.device, args.amp):
         tokens = model.tokenize(images) if tokens is None else tokens[:count]
         device = tokens.device
         generator = torch.Generator(device=device)
-        generator.manual_seed(misc.derive_seed(args.seed, epoch, VIS_STREAM))
+        generator.manual_seed(derive_seed(args.seed, epoch, VIS_STREAM))
         drop_mask, all_mask = model.sample_masks(tokens.shape[0], device, generator)
         latent, _, _, _ = model.forward_encoder(None, gt_indices=tokens, masks=(drop_mask, all_mask))
         logits = model.forward_decoder(latent, drop_mask, all_mask)

@@ -1,5 +1,4 @@
 """One epoch of VQGAN tokenizer training, validation (PSNR, codebook usage) and the tokenizer export."""
-import json
 import os
 from collections import deque
 
@@ -9,9 +8,13 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
-import util.misc as misc
-from util.checkpoint import save_checkpoint_atomic
+from util.checkpoint import save_checkpoint_atomic, save_json_atomic, write_atomic
+from util.distributed import all_reduce_mean, get_rank, is_dist_avail_and_initialized, unwrap
+from util.errors import check_finite
 from util.lr_sched import adjust_learning_rate
+from util.metrics import MetricLogger
+from util.precision import autocast
+from util.seeding import derive_seed
 
 TOKENIZER_FILE = "tokenizer.ckpt"
 TOKENIZER_CONFIG_FILE = "tokenizer.yaml"
@@ -75,7 +78,7 @@ class CodebookMonitor:
     def flush(self, step):
         """Sum the window's counts over processes, mark used codes, reset. Returns (usage, perplexity)."""
         counts = self.counts.clone()
-        if misc.is_dist_avail_and_initialized():
+        if is_dist_avail_and_initialized():
             dist.all_reduce(counts)
         self.last_used[counts > 0] = step
         self.counts.zero_()
@@ -89,16 +92,16 @@ class CodebookMonitor:
         if num_dead == 0 or not self.buffer:
             return 0
         weight = self.codebook.weight
-        if misc.get_rank() == 0:
+        if get_rank() == 0:
             pool = torch.cat(list(self.buffer))
-            generator = torch.Generator(device="cpu").manual_seed(misc.derive_seed(self.seed, step))
+            generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, step))
             if len(pool) >= num_dead:
                 choice = torch.randperm(len(pool), generator=generator)[:num_dead]
             else:
                 choice = torch.randint(len(pool), (num_dead,), generator=generator)
             noise = torch.randn(num_dead, pool.shape[1], generator=generator) * 0.01 * pool.std()
             weight.data[dead] = (pool[choice.to(pool.device)] + noise.to(pool.device)).to(weight.dtype)
-        if misc.is_dist_avail_and_initialized():
+        if is_dist_avail_and_initialized():
             dist.broadcast(weight.data, src=0)
         if optimizer is not None:
             for moment in optimizer.state.get(weight, {}).values():
@@ -120,9 +123,9 @@ def train_one_epoch(model, loss_fn, disc_model, optimizer, optimizer_d, scaler, 
     Returns the epoch's averaged stats."""
     model.train()
     loss_fn.train()
-    vqmodel = model.module.vqmodel if hasattr(model, "module") else model.vqmodel
+    vqmodel = unwrap(model).vqmodel
     last_layer = vqmodel.decoder.conv_out.weight
-    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ")
     steps_per_epoch = len(data_loader)
     for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")):
         step = epoch * steps_per_epoch + i
@@ -131,16 +134,16 @@ def train_one_epoch(model, loss_fn, disc_model, optimizer, optimizer_d, scaler, 
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with misc.autocast(args.device, args.amp):
+        with autocast(args.device, args.amp):
             x_rec, q_loss, indices, z = model(images)
             loss, logs = loss_fn.generator_loss(images, x_rec, q_loss, step, last_layer)
-        misc.check_finite(misc.all_reduce_mean(loss.item()), epoch, i)
+        check_finite(all_reduce_mean(loss.item()), epoch, i)
         optimizer.zero_grad(set_to_none=True)
         scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
 
         if loss_fn.disc_active(step):
             adjust_learning_rate(optimizer_d, epoch + i / steps_per_epoch, args)
-            with misc.autocast(args.device, args.amp):
+            with autocast(args.device, args.amp):
                 d_loss, d_logs = loss_fn.discriminator_loss(images, x_rec, disc_model)
             optimizer_d.zero_grad(set_to_none=True)
             scaler_d(d_loss, optimizer_d, clip_grad=args.clip_grad, parameters=disc_model.parameters())
@@ -183,7 +186,7 @@ def evaluate(vqmodel, data_loader, device):
         counts += torch.bincount(indices, minlength=n_embed).double()
         sums += torch.stack([psnr(images, x_rec).sum().double(), (images - x_rec).abs().mean(dim=(1, 2, 3)).sum(),
                              torch.tensor(float(len(images)), dtype=torch.float64, device=device)])
-    if misc.is_dist_avail_and_initialized():
+    if is_dist_avail_and_initialized():
         packed = torch.cat([counts, sums])
         dist.all_reduce(packed)
         counts, sums = packed[:n_embed], packed[n_embed:]
@@ -213,9 +216,9 @@ def export_tokenizer(vqmodel, settings, output_dir, metrics, grid=None):
     path = os.path.join(output_dir, TOKENIZER_FILE)
     state = {k: v.detach().float().cpu() for k, v in vqmodel.state_dict().items()}
     save_checkpoint_atomic({"state_dict": state, **metrics}, path)
-    OmegaConf.save(OmegaConf.create(tokenizer_config(settings)), os.path.join(output_dir, TOKENIZER_CONFIG_FILE))
-    with open(os.path.join(output_dir, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=1)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(tokenizer_config(settings)))
+    write_atomic(os.path.join(output_dir, TOKENIZER_CONFIG_FILE), lambda f: f.write(config_yaml.encode()))
+    save_json_atomic(os.path.join(output_dir, METRICS_FILE), metrics, indent=1)
     if grid is not None:
-        save_image(grid, os.path.join(output_dir, RECONSTRUCTIONS_FILE))
+        write_atomic(os.path.join(output_dir, RECONSTRUCTIONS_FILE), lambda f: save_image(grid, f, format="png"))
     return path

@@ -22,10 +22,16 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import models_mage
-from util import misc
-from util.checkpoint import extract_model_state, load_checkpoint, load_state_dict_checked
-from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args, tokenizer_dtype
+from models_mage import tokenizer_kwargs
+from util.checkpoint import (TMP_SUFFIX, extract_model_state, load_checkpoint, load_state_dict_checked,
+                             save_json_atomic, write_atomic)
+from util.cli import add_runtime_args, run_script
+from util.distributed import barrier, cleanup_distributed, get_rank, get_world_size, is_main_process
+from util.errors import UsageError
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
+from util.perf import add_perf_args, apply_perf_settings, tokenizer_dtype
+from util.precision import autocast
+from util.run import setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 GRID_IMAGES = 64
@@ -63,23 +69,22 @@ def get_args_parser():
     evaluation.add_argument("--fid_batch_size", default=64, type=int)
     evaluation.add_argument("--fid_feature_extractor", default=INCEPTION, choices=(INCEPTION, PIXEL_STATS),
                             help=f"{PIXEL_STATS} is a tiny offline stand-in for smoke tests, not a real FID")
-    misc.add_runtime_args(parser)
+    add_runtime_args(parser)
     return parser
 
 
 def check_model_args(args):
-    resolve_perf_args(args)
     if args.random_init == bool(args.ckpt):
-        raise misc.UsageError("pass --ckpt PATH (a MAGE checkpoint), or --random_init to run on random weights")
+        raise UsageError("pass --ckpt PATH (a MAGE checkpoint), or --random_init to run on random weights")
 
 
 def check_args(args):
     check_model_args(args)
     for name in ("num_images", "batch_size", "num_iter"):
         if getattr(args, name) < 1:
-            raise misc.UsageError(f"--{name} must be >= 1")
+            raise UsageError(f"--{name} must be >= 1")
     if args.eval_fid and not os.path.isdir(args.fid_ref):
-        raise misc.UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
+        raise UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
 
 
 def weights_fingerprint(model):
@@ -113,10 +118,7 @@ def build_model(args):
         state_dict = extract_model_state(load_checkpoint(args.ckpt), source=args.ckpt)
     else:
         torch.manual_seed(args.seed)  # identical random weights on every rank
-    kwargs = {"vqgan_ckpt_path": args.vqgan_ckpt}
-    if args.vqgan_config:
-        kwargs["vqgan_config"] = args.vqgan_config
-    model = models_mage.MODELS[args.model](**kwargs)
+    model = models_mage.MODELS[args.model](**tokenizer_kwargs(args))
     if state_dict is not None:
         allowed_missing = ()
         if args.vqgan_ckpt:
@@ -138,20 +140,13 @@ def prepare_folder(folder, settings):
             previous = json.load(f)
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise misc.UsageError(f"'{folder}' holds images made with other settings ({', '.join(changed)} "
-                                  f"differ); choose another --output_dir")
+            raise UsageError(f"'{folder}' holds images made with other settings ({', '.join(changed)} "
+                             f"differ); choose another --output_dir")
     else:
-        write_atomic(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+        save_json_atomic(settings_path, settings)
     for name in os.listdir(image_dir):  # partial files of a killed run
-        if name.endswith(".tmp"):
+        if name.endswith(TMP_SUFFIX):
             os.remove(os.path.join(image_dir, name))
-
-
-def write_atomic(path, write):
-    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp_path, "wb") as f:
-        write(f)
-    os.replace(tmp_path, path)
 
 
 def image_path(image_dir, index):
@@ -169,21 +164,22 @@ def batches_to_do(args, image_dir):
         indices = list(range(start, min(start + args.batch_size, args.num_images)))
         if not all(is_done(image_path(image_dir, k)) for k in indices):
             todo.append(indices)
-    return todo[misc.get_rank()::misc.get_world_size()]
+    return todo[get_rank()::get_world_size()]
 
 
 def generate_batch(model, indices, args):
     """Images for the given indices as uint8 (B, H, W, 3) on the CPU."""
     ids = torch.full((len(indices), model.seq_len), model.mask_token_label, dtype=torch.long, device=args.device)
     generators = image_generators(args.seed, indices, args.device)
-    with misc.autocast(args.device, args.amp):
+    with autocast(args.device, args.amp):
         ids = iterative_decode(model, ids, num_iter=args.num_iter, temperature=args.temp, generator=generators)
     images = decode_tokens(model, ids)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def save_png(array, path):
-    write_atomic(path, lambda f: Image.fromarray(array.numpy()).save(f, format="PNG"))
+    # no fsync per image: a rerun after a crash checks every file (is_done) and rewrites what is missing
+    write_atomic(path, lambda f: Image.fromarray(array.numpy()).save(f, format="PNG"), sync=False)
 
 
 def save_grid(image_dir, num_images, path):
@@ -199,27 +195,26 @@ def evaluate(args, image_dir, folder, settings):
                               feature_extractor=args.fid_feature_extractor, batch_size=args.fid_batch_size)
     report = {"metrics": metrics, "num_images": args.num_images, "fid_ref": os.path.abspath(args.fid_ref),
               "feature_extractor": args.fid_feature_extractor, "settings": settings}
-    write_atomic(os.path.join(folder, "metrics.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    save_json_atomic(os.path.join(folder, "metrics.json"), report)
     print(json.dumps(metrics, indent=2))
 
 
 def main(args):
-    check_args(args)
-    misc.init_distributed_mode(args)
-    if args.eval_fid and args.fid_feature_extractor == INCEPTION and misc.is_main_process():
+    setup_run(args, check_args, create_output_dir=False)  # prepare_folder lays out the run folder
+    if args.eval_fid and args.fid_feature_extractor == INCEPTION and is_main_process():
         resolve_inception_weights(args.fid_weights or None)  # fail now rather than after generating
     model = build_model(args)
     folder = run_folder(args)
     image_dir = os.path.join(folder, "images")
-    settings = settings_of(args, model) if misc.is_main_process() else None
-    if misc.is_main_process():
+    settings = settings_of(args, model) if is_main_process() else None
+    if is_main_process():
         prepare_folder(folder, settings)
-    misc.barrier()
+    barrier()
     batches = batches_to_do(args, image_dir)
-    misc.barrier()  # every rank has listed the missing images before any rank writes
+    barrier()  # every rank has listed the missing images before any rank writes
     total = sum(len(b) for b in batches)
-    print(f"{folder}: {args.num_images} images, {total} to generate on rank 0 of {misc.get_world_size()}")
-    with tqdm(total=total, unit="img", disable=not misc.is_main_process()) as progress:
+    print(f"{folder}: {args.num_images} images, {total} to generate on rank 0 of {get_world_size()}")
+    with tqdm(total=total, unit="img", disable=not is_main_process()) as progress:
         for indices in batches:
             images = generate_batch(model, indices, args)
             for index, array in zip(indices, images):
@@ -227,15 +222,15 @@ def main(args):
                 if not is_done(path):
                     save_png(array, path)
             progress.update(len(indices))
-    misc.barrier()
-    if misc.is_main_process():
+    barrier()
+    if is_main_process():
         save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
         print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
         if args.eval_fid:
             evaluate(args, image_dir, folder, settings)
-    misc.barrier()
-    misc.cleanup_distributed()
+    barrier()
+    cleanup_distributed()
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

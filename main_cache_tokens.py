@@ -14,10 +14,13 @@ import torch
 from tqdm import tqdm
 
 from taming.models.vqgan import build_vqgan, token_grid_size
+from util.cli import add_runtime_args, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform
-from util.misc import (UsageError, add_runtime_args, barrier, init_distributed_mode, is_main_process, run_script,
-                       seed_everything)
-from util.perf import add_perf_args, resolve_perf_args, tokenizer_dtype
+from util.distributed import barrier, is_main_process
+from util.errors import UsageError
+from util.perf import add_perf_args, tokenizer_dtype
+from util.run import setup_run
+from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
 
 
@@ -66,18 +69,21 @@ def tokenize_views(args, vqgan, dataset, rows, seq_len):
     return tokens
 
 
-def main(args):
-    resolve_perf_args(args)
+def check_args(args):
     if args.num_views < 1:
         raise UsageError("--num_views must be at least 1")
-    folder = check_split(args.data_path, "train")
-    init_distributed_mode(args)
+    check_split(args.data_path, "train")
+
+
+def main(args):
+    # the cache folder is checked against the tokenizer's settings before it is created
+    setup_run(args, check_args, create_output_dir=False)
     seed_everything(args.seed)  # the same tokenizer on every rank even without --vqgan_ckpt
     vqgan, vqgan_settings = build_vqgan(args.vqgan_config, args.vqgan_ckpt)
     if vqgan_settings["n_embed"] > 2 ** 16:
         raise UsageError(f"codebook of {vqgan_settings['n_embed']} entries does not fit uint16 token ids")
     vqgan.to(args.device).set_inference_mode(tokenizer_dtype(args, args.device), channels_last=args.channels_last)
-    dataset = SeededImageFolder(folder, pretrain_transform(args.input_size), seed=args.seed,
+    dataset = SeededImageFolder(check_split(args.data_path, "train"), pretrain_transform(args.input_size), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
     settings = cache_settings(args, vqgan_settings, len(dataset))
     if os.path.isfile(os.path.join(args.output_dir, META_FILE)):

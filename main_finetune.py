@@ -5,7 +5,6 @@ work in that space) and the batch is mapped back to [0, 1] pixels right before t
 --no_normalize skips both.
 """
 import argparse
-import os
 
 import torch
 from timm.data import Mixup
@@ -15,9 +14,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.datasets as data
 import util.lr_decay as lrd
-import util.misc as misc
-from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings, resolve_perf_args
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
+from models_mage import check_input_size, tokenizer_kwargs
+from util.checkpoint import load_model
+from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.distributed import cleanup_distributed, get_world_size, unwrap, wrap_ddp
+from util.errors import UsageError
+from util.lr_sched import effective_lr
+from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
+from util.precision import NativeScalerWithGradNormCount
+from util.run import setup_run
 
 
 def get_args_parser():
@@ -51,7 +57,8 @@ def get_args_parser():
 
     group = parser.add_argument_group("augmentation")
     group.add_argument("--color_jitter", type=float, default=None, help="colour jitter (only without --aa)")
-    group.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm RandAugment/AutoAugment policy")
+    group.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
+                       help="timm RandAugment/AutoAugment policy; 'none' (or '') turns it off")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"))
     group.add_argument("--reprob", type=float, default=0.25, help="random erase probability")
@@ -77,8 +84,8 @@ def get_args_parser():
     group.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume)")
     group.add_argument("--dist_eval", action="store_true", help="shard evaluation over the processes")
 
-    misc.add_checkpoint_args(parser, save_every=10)
-    misc.add_runtime_args(parser)
+    add_checkpoint_args(parser, save_every=10)
+    add_runtime_args(parser)
     add_perf_args(parser)
     return parser
 
@@ -89,24 +96,29 @@ def mixup_active(args):
 
 def check_args(args):
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
-        raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+        raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if mixup_active(args) and args.batch_size % 2:
-        raise misc.UsageError(f"Mixup/CutMix pairs up samples, so --batch_size must be even (got {args.batch_size})")
+        raise UsageError(f"Mixup/CutMix pairs up samples, so --batch_size must be even (got {args.batch_size})")
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
-        raise misc.UsageError(f"--cutmix_minmax needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
+        raise UsageError(f"--cutmix_minmax needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
     if args.eval and not args.resume:
-        raise misc.UsageError("--eval needs weights: pass --resume (a fine-tuned checkpoint)")
+        raise UsageError("--eval needs weights: pass --resume (a fine-tuned checkpoint)")
     if not 0 < args.layer_decay <= 1:
-        raise misc.UsageError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+        raise UsageError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     data.check_split(args.data_path, "val")
     if not args.eval:
         data.check_split(args.data_path, "train")
+        try:  # timm rejects an unknown policy with a bare assert, and only once the model is built
+            data.finetune_train_transform(args)
+        except (AssertionError, KeyError, ValueError) as err:
+            raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
+                         f"'none' turns it off") from None
 
 
 def build_model(args):
     model = models_vit.MODELS[args.model](num_classes=args.nb_classes, drop_path_rate=args.drop_path,
-                                          global_pool=args.global_pool, **misc.model_builder_kwargs(args))
-    misc.check_input_size(model, args.input_size)
+                                          global_pool=args.global_pool, **tokenizer_kwargs(args))
+    check_input_size(model, args.input_size)
     if args.finetune and not args.eval:
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(models_vit.load_mage_checkpoint_into_classifier(model, args.finetune))
@@ -140,15 +152,8 @@ def pixel_fn(args):
 
 
 def main(args):
-    resolve_perf_args(args)
-    check_args(args)
-    misc.init_distributed_mode(args)
-    print(str(args).replace(", ", ",\n"))
+    setup_run(args, check_args)
     device = args.device
-    misc.seed_everything(args.seed + misc.get_rank())
-    if args.output_dir and misc.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
     model = build_model(args)
     mean, std = data.finetune_mean_std(args)
     dataset_val = data.build_image_folder(args, "val", data.eval_transform(args.input_size, args.interpolation, mean, std))
@@ -159,40 +164,37 @@ def main(args):
         data.check_num_classes(dataset_train, args.nb_classes)
         loader_train = data.build_loader(dataset_train, args, train=True)
         if len(loader_train) == 0:
-            raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
-                                  f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+            raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
+                             f"processes) is smaller than one batch of --batch_size {args.batch_size}")
 
     model.to(device)
     apply_perf_settings(model, args, device)
-    model_without_ddp = model
     print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
-    misc.effective_lr(args)
-    if args.distributed:
-        # patch_embed, cls_token and pos_embed exist only for checkpoint compatibility
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-        model_without_ddp = model.module
+    effective_lr(args)
+    # patch_embed, cls_token and pos_embed exist only for checkpoint compatibility
+    model = wrap_ddp(model, args, find_unused_parameters=True)
+    model_without_ddp = unwrap(model)
 
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, args.beta2), **adamw_kwargs(args, device))
-    loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
+    loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)
     print(f"criterion = {criterion}")
-    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    load_model(args, model_without_ddp, optimizer, loss_scaler)
     input_fn = pixel_fn(args)
 
     if args.eval:
         test_stats = evaluate(loader_val, model_without_ddp, device, args, input_fn)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        misc.cleanup_distributed()
+        cleanup_distributed()
         return test_stats
 
-    return fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=input_fn,
-               mixup_fn=mixup_fn, max_norm=args.clip_grad)
+    return fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device,
+                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

@@ -4,17 +4,24 @@
 (one fixed augmented view per training image); without it the backbone runs every epoch on fresh crops.
 """
 import argparse
-import os
 
 import torch
 from timm.layers import trunc_normal_
 
 import models_vit
 import util.datasets as data
-import util.misc as misc
-from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
+from models_mage import check_input_size, tokenizer_kwargs
+from util.checkpoint import load_model
+from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.distributed import all_gather_rows, cleanup_distributed, get_world_size, wrap_ddp
+from util.errors import UsageError
 from util.lars import LARS
+from util.lr_sched import effective_lr
+from util.metrics import MetricLogger
+from util.perf import add_perf_args, apply_perf_settings
+from util.precision import NativeScalerWithGradNormCount, autocast
+from util.run import setup_run
 
 
 def get_args_parser():
@@ -56,17 +63,17 @@ def get_args_parser():
     group.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume)")
     group.add_argument("--dist_eval", action="store_true", help="shard evaluation over the processes")
 
-    misc.add_checkpoint_args(parser, save_every=10)
-    misc.add_runtime_args(parser)
+    add_checkpoint_args(parser, save_every=10)
+    add_runtime_args(parser)
     add_perf_args(parser)
     return parser
 
 
 def check_args(args):
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
-        raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+        raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.eval and not args.resume:
-        raise misc.UsageError("--eval needs weights: pass --resume (a linear-probe checkpoint)")
+        raise UsageError("--eval needs weights: pass --resume (a linear-probe checkpoint)")
     data.check_split(args.data_path, "val")
     if not args.eval:
         data.check_split(args.data_path, "train")
@@ -76,8 +83,8 @@ def build_model(args):
     """The classifier with head = BatchNorm1d(affine=False) + Linear (trunc-normal std 0.01); only the head
     trains."""
     model = models_vit.MODELS[args.model](num_classes=args.nb_classes, global_pool=args.global_pool,
-                                          **misc.model_builder_kwargs(args))
-    misc.check_input_size(model, args.input_size)
+                                          **tokenizer_kwargs(args))
+    check_input_size(model, args.input_size)
     if args.finetune and not args.eval:
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(models_vit.load_mage_checkpoint_into_classifier(model, args.finetune))
@@ -93,7 +100,7 @@ def feature_fn(model, args):
     """Frozen backbone features (float32) of a batch of [0, 1] images; the backbone stays in eval mode."""
     @torch.no_grad()
     def features(images):
-        with misc.autocast(args.device, args.amp):
+        with autocast(args.device, args.amp):
             return model.forward_features(images).float()
     return features
 
@@ -103,11 +110,11 @@ def extract_features(features, dataset, args):
     """TensorDataset(features, labels) of a whole split; each process extracts its share, then all gather."""
     loader = data.build_loader(dataset, args, train=False, distributed=True)
     feats, labels = [], []
-    for images, targets in misc.MetricLogger().log_every(loader, 20, "Extracting features:"):
+    for images, targets in MetricLogger().log_every(loader, 20, "Extracting features:"):
         feats.append(features(images.to(args.device, non_blocking=True)).cpu())
         labels.append(targets)
-    feats = misc.all_gather_rows(torch.cat(feats), len(dataset))
-    labels = misc.all_gather_rows(torch.cat(labels), len(dataset))
+    feats = all_gather_rows(torch.cat(feats), len(dataset))
+    labels = all_gather_rows(torch.cat(labels), len(dataset))
     return torch.utils.data.TensorDataset(feats, labels)
 
 
@@ -129,43 +136,33 @@ def build_data(model, args):
     loader_val = data.build_loader(dataset_val, args, train=False, distributed=args.dist_eval)
     loader_train = None if args.eval else data.build_loader(dataset_train, args, train=True)
     if loader_train is not None and len(loader_train) == 0:
-        raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
-                              f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+        raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
+                         f"processes) is smaller than one batch of --batch_size {args.batch_size}")
     return loader_train, loader_val, input_fn
 
 
 def main(args):
-    resolve_perf_args(args)
-    check_args(args)
-    misc.init_distributed_mode(args)
-    print(str(args).replace(", ", ",\n"))
+    setup_run(args, check_args)
     device = args.device
-    misc.seed_everything(args.seed + misc.get_rank())
-    if args.output_dir and misc.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
     model = apply_perf_settings(build_model(args).to(device), args, device)
     model.eval()  # the frozen backbone never trains (no dropout); train_one_epoch switches the head to train
-    head = model.head
-    if args.distributed:
-        head = torch.nn.parallel.DistributedDataParallel(
-            head, device_ids=[device.index] if device.type == "cuda" else None)
+    head = wrap_ddp(model.head, args)
     print(f"number of trained params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
-    misc.effective_lr(args)
+    effective_lr(args)
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
-    misc.load_model(args, model, optimizer, loss_scaler)
+    loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
+    load_model(args, model, optimizer, loss_scaler)
     loader_train, loader_val, input_fn = build_data(model, args)
 
     if args.eval:
         test_stats = evaluate(loader_val, model.head, device, args, input_fn)
         print(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
-        misc.cleanup_distributed()
+        cleanup_distributed()
         return test_stats
 
-    return fit(args, head, torch.nn.CrossEntropyLoss(), loader_train, loader_val, optimizer, loss_scaler, device,
-               input_fn=input_fn, checkpoint_model=model, eval_model=model.head)
+    return fit_classifier(args, head, torch.nn.CrossEntropyLoss(), loader_train, loader_val, optimizer, loss_scaler,
+                          device, input_fn=input_fn, checkpoint_model=model, eval_model=model.head)
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

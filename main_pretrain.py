@@ -1,18 +1,23 @@
 """MAGE pre-training: masked token modelling over a frozen VQGAN tokenizer, under torchrun DDP or alone."""
 import argparse
-import datetime
-import os
-import time
 
 import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mage
 import util.datasets as data
-import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings, resolve_perf_args
+from models_mage import check_input_size, tokenizer_kwargs
+from util.checkpoint import load_model, resolve_resume_path
+from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.distributed import get_world_size, unwrap, wrap_ddp
+from util.errors import UsageError
+from util.lr_sched import effective_lr
+from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
+from util.precision import NativeScalerWithGradNormCount
+from util.run import setup_run
 from util.token_cache import CachedTokenDataset, read_meta
+from util.train_loop import fit
 
 
 def get_args_parser():
@@ -54,8 +59,8 @@ def get_args_parser():
     group.add_argument("--vis_every", type=int, default=20, help="image grid every N epochs (0: never)")
     group.add_argument("--vis_num", type=int, default=8, help="images in the grid")
 
-    misc.add_checkpoint_args(parser, save_every=40)
-    misc.add_runtime_args(parser)
+    add_checkpoint_args(parser, save_every=40)
+    add_runtime_args(parser)
     add_perf_args(parser)
     return parser
 
@@ -63,14 +68,14 @@ def get_args_parser():
 def check_args(args):
     """Reject impossible flag combinations before any work starts."""
     if not 0.0 < args.mask_ratio_min <= args.mask_ratio_max <= 1.0:
-        raise misc.UsageError(f"need 0 < --mask_ratio_min <= --mask_ratio_max <= 1, got "
-                              f"{args.mask_ratio_min} and {args.mask_ratio_max}")
+        raise UsageError(f"need 0 < --mask_ratio_min <= --mask_ratio_max <= 1, got "
+                         f"{args.mask_ratio_min} and {args.mask_ratio_max}")
     if args.mask_ratio_std <= 0:
-        raise misc.UsageError(f"--mask_ratio_std must be positive, got {args.mask_ratio_std}")
+        raise UsageError(f"--mask_ratio_std must be positive, got {args.mask_ratio_std}")
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
-        raise misc.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+        raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.warmup_epochs < 0:
-        raise misc.UsageError("--warmup_epochs must not be negative")
+        raise UsageError("--warmup_epochs must not be negative")
     if args.cached_tokens:
         read_meta(args.cached_tokens)
     else:
@@ -83,7 +88,7 @@ def build_train_dataset(args, model):
     dataset = CachedTokenDataset(args.cached_tokens, seed=args.seed)
     meta = dataset.meta
     if (meta["grid_size"], meta["codebook_size"]) != (model.grid_size, model.codebook_size):
-        raise misc.UsageError(
+        raise UsageError(
             f"--cached_tokens '{args.cached_tokens}' holds {meta['grid_size']}x{meta['grid_size']} tokens from a "
             f"{meta['codebook_size']}-code tokenizer, but the model expects {model.grid_size}x{model.grid_size} "
             f"and {model.codebook_size} codes")
@@ -94,68 +99,44 @@ def build_train_dataset(args, model):
 def build_model(args):
     model = models_mage.MODELS[args.model](
         mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, mask_ratio_mu=args.mask_ratio_mu,
-        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **misc.model_builder_kwargs(args))
-    misc.check_input_size(model, args.input_size)
-    if not args.vqgan_ckpt and not misc.resolve_resume_path(args):
+        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **tokenizer_kwargs(args))
+    check_input_size(model, args.input_size)
+    if not args.vqgan_ckpt and not resolve_resume_path(args):
         print("WARNING: no --vqgan_ckpt and nothing to resume: the tokenizer is randomly initialised "
               "(fine for tests, useless for real pre-training)")
     return model
 
 
 def main(args):
-    resolve_perf_args(args)
-    check_args(args)
-    misc.init_distributed_mode(args)
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(str(args).replace(", ", ",\n"))
+    setup_run(args, check_args)
     device = args.device
-    misc.seed_everything(args.seed + misc.get_rank())
-    if args.output_dir and misc.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-
     model = build_model(args)
     dataset_train = build_train_dataset(args, model)
     data_loader_train = data.build_loader(dataset_train, args, train=True)
     if len(data_loader_train) == 0:
-        raise misc.UsageError(f"the training set ({len(dataset_train)} images over {misc.get_world_size()} "
-                              f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+        raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
+                         f"processes) is smaller than one batch of --batch_size {args.batch_size}")
 
     model.to(device)
     apply_perf_settings(model, args, device)
-    model_without_ddp = model
-    print(f"Model = {model_without_ddp}")
-    misc.effective_lr(args)
-    if args.distributed:
-        # patch_embed, cls_token, mask_token and decoder_pred exist only for checkpoint compatibility
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-        model_without_ddp = model.module
+    print(f"Model = {model}")
+    effective_lr(args)
+    # patch_embed, cls_token, mask_token and decoder_pred exist only for checkpoint compatibility
+    model = wrap_ddp(model, args, find_unused_parameters=True)
+    model_without_ddp = unwrap(model)
 
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(args, device))
     print(optimizer)
-    loss_scaler = misc.NativeScalerWithGradNormCount(args.amp, device)
-    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
-    log_writer = misc.make_log_writer(args)
+    loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
+    load_model(args, model_without_ddp, optimizer, loss_scaler)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            data.set_epoch(data_loader_train, epoch)
-            misc.seed_everything(misc.derive_seed(args.seed, epoch, misc.get_rank()))
-            train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                          log_writer=log_writer, args=args)
-            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-            misc.append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
-            if log_writer is not None:
-                log_writer.flush()
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-        misc.cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    def train_epoch(epoch, log_writer):
+        return train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer,
+                               args=args)
+
+    fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

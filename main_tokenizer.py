@@ -14,13 +14,19 @@ import time
 import torch
 from torchvision import transforms
 
-import util.misc as misc
 from engine_tokenizer import (CodebookMonitor, TokenizerForward, evaluate, export_tokenizer, reconstruction_grid,
                               train_one_epoch)
 from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import VQGANLoss
-from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked, save_checkpoint_atomic
+from util.checkpoint import (CHECKPOINT_LAST, args_for_checkpoint, load_checkpoint, load_state_dict_checked,
+                             resolve_resume_path, save_checkpoint_atomic)
+from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.datasets import build_image_folder, build_loader, set_epoch
+from util.distributed import barrier, cleanup_distributed, get_world_size, is_main_process, wrap_ddp
+from util.errors import CheckpointError, UsageError
+from util.metrics import append_log, make_log_writer
+from util.precision import NativeScalerWithGradNormCount
+from util.run import setup_run
 
 # --quick: the same recipe on a shorter schedule (the test suite and `demo.py --quick`).
 QUICK_OVERRIDES = {"epochs": 1}
@@ -74,8 +80,8 @@ def get_args_parser():
     group.add_argument("--eval_every", default=1, type=int, help="validate every this many epochs (and at the end)")
     group.add_argument("--print_freq", default=25, type=int)
 
-    misc.add_runtime_args(parser)
-    misc.add_checkpoint_args(parser, save_every=0)
+    add_runtime_args(parser)
+    add_checkpoint_args(parser, save_every=0)
     # float32 by default: bf16 autocast cost ~2 dB of val PSNR at equal steps in the demo (code assignment
     # is sensitive to the precision of z) and was only ~1.3x faster on a CPU without AMX.
     parser.set_defaults(num_workers=2, log_dir=None, amp="none")
@@ -90,21 +96,21 @@ def build_transforms(resolution):
 
 
 def save_training_state(args, state, epoch, step, elapsed):
-    if not args.output_dir or not misc.is_main_process():
+    if not args.output_dir or not is_main_process():
         return
     vqmodel, loss_fn, optimizer, optimizer_d, scaler, scaler_d, monitor = state
     checkpoint = {"model": vqmodel.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                   "codebook_monitor": monitor.state_dict(), "epoch": epoch, "step": step, "elapsed": elapsed,
-                  "args": misc.args_for_checkpoint(args)}
+                  "args": args_for_checkpoint(args)}
     if loss_fn.discriminator is not None:
         checkpoint.update(discriminator=loss_fn.discriminator.state_dict(), optimizer_disc=optimizer_d.state_dict(),
                           scaler_disc=scaler_d.state_dict())
-    save_checkpoint_atomic(checkpoint, os.path.join(args.output_dir, misc.CHECKPOINT_LAST))
+    save_checkpoint_atomic(checkpoint, os.path.join(args.output_dir, CHECKPOINT_LAST))
 
 
 def resume_training_state(args, state):
     """Load --resume / --auto_resume into the training state. Returns (start_epoch, elapsed seconds)."""
-    path = misc.resolve_resume_path(args)
+    path = resolve_resume_path(args)
     if not path:
         return 0, 0.0
     vqmodel, loss_fn, optimizer, optimizer_d, scaler, scaler_d, monitor = state
@@ -123,24 +129,12 @@ def resume_training_state(args, state):
     return checkpoint["epoch"] + 1, checkpoint.get("elapsed", 0.0)
 
 
-def wrap_ddp(module, args):
-    if not args.distributed:
-        return module
-    device_ids = [args.device.index] if args.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
 def main(args):
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
     if args.log_dir is None:
         args.log_dir = args.output_dir
-    misc.init_distributed_mode(args)
-    misc.seed_everything(args.seed + misc.get_rank())
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(f"{args}".replace(", ", ",\n"))
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    setup_run(args)
 
     settings = load_vqgan_config(args.vqgan_config)
     resolution = settings["ddconfig"]["resolution"]
@@ -150,8 +144,8 @@ def main(args):
     loader_train = build_loader(dataset_train, args, train=True)
     loader_val = build_loader(dataset_val, args, train=False)
     if len(loader_train) == 0:
-        raise misc.UsageError(f"--batch_size {args.batch_size} x {misc.get_world_size()} processes is larger than "
-                              f"the {len(dataset_train)} training images")
+        raise UsageError(f"--batch_size {args.batch_size} x {get_world_size()} processes is larger than "
+                         f"the {len(dataset_train)} training images")
 
     vqmodel = VQModel(settings["ddconfig"], settings["n_embed"], settings["embed_dim"],
                       ckpt_path=args.init_ckpt or None).to(args.device)
@@ -168,8 +162,8 @@ def main(args):
     optimizer = torch.optim.Adam(vqmodel.parameters(), lr=args.lr, betas=betas)
     optimizer_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=args.lr, betas=betas) \
         if disc_model is not None else None
-    scaler = misc.NativeScalerWithGradNormCount(args.amp, args.device)
-    scaler_d = misc.NativeScalerWithGradNormCount(args.amp, args.device)
+    scaler = NativeScalerWithGradNormCount(args.amp, args.device)
+    scaler_d = NativeScalerWithGradNormCount(args.amp, args.device)
     monitor = CodebookMonitor(vqmodel.quantize.embedding, dead_after=args.dead_code_steps,
                               buffer_size=args.code_buffer, seed=args.seed)
     state = (vqmodel, loss_fn, optimizer, optimizer_d, scaler, scaler_d, monitor)
@@ -177,7 +171,7 @@ def main(args):
     print(f"tokenizer: {sum(p.numel() for p in vqmodel.parameters()) / 1e6:.2f}M parameters, "
           f"{settings['n_embed']} codes; {len(loader_train)} steps/epoch x {args.epochs} epochs")
 
-    log_writer = misc.make_log_writer(args)
+    log_writer = make_log_writer(args)
     spread = range(0, len(dataset_val), max(1, len(dataset_val) // GRID_IMAGES))  # across classes
     grid_images = torch.stack([dataset_val[i][0] for i in list(spread)[:GRID_IMAGES]]).to(args.device)
     metrics = {}
@@ -201,23 +195,23 @@ def main(args):
                     log_writer.add_scalar(f"val/{name}", value, step)
                 log_writer.add_image("val/reconstructions", reconstruction_grid(vqmodel, grid_images), step)
                 log_writer.flush()
-        misc.append_log(args, stats)
+        append_log(args, stats)
 
     if not metrics:  # resumed after the last epoch: evaluate the final weights again
         metrics = evaluate(vqmodel, loader_val, args.device)
     metrics = {**metrics, "epochs": args.epochs, "steps": args.epochs * len(loader_train),
                "train_time_s": round(elapsed, 1)}
-    if args.output_dir and misc.is_main_process():
+    if args.output_dir and is_main_process():
         path = export_tokenizer(vqmodel, settings, args.output_dir, metrics, reconstruction_grid(vqmodel, grid_images))
         print(f"tokenizer written to {path} (+ tokenizer.yaml): PSNR {metrics['psnr']:.2f} dB, codebook usage "
               f"{metrics['codebook_usage']:.1f}%")
-    misc.barrier()
+    barrier()
     print(f"Training time {datetime.timedelta(seconds=int(elapsed))}")
     if log_writer is not None:
         log_writer.close()
-    misc.cleanup_distributed()
+    cleanup_distributed()
     return metrics
 
 
 if __name__ == "__main__":
-    misc.run_script(get_args_parser(), main)
+    run_script(get_args_parser(), main)

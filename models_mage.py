@@ -4,6 +4,7 @@ Submodule names follow the reference implementation so that the released checkpo
 (mage-vitb-1600.pth, mage-vitl-1600.pth) load strictly.
 """
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -14,9 +15,63 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from taming.models.vqgan import build_vqgan, token_grid_size
+from util.errors import UsageError
 from util.pos_embed import get_2d_sincos_pos_embed
 
-NUM_UNUSED_CLASS_LABELS = 1000  # vocabulary slots that exist only so the released checkpoints load
+NUM_CLASS_SLOTS = 1000  # MaskGIT's ImageNet class ids; unconditional MAGE trains only the "no class" one
+NO_CLASS_SLOT = 1100 - 1024  # MaskGIT's "no class" id 1100 with 1024 codes: class slot 76
+
+
+@dataclass(frozen=True)
+class TokenVocab:
+    """The ids of the token embedding table, in MaskGIT's layout (the released checkpoints have it):
+
+        [0, codebook_size)                       tokenizer codes
+        [codebook_size, codebook_size + 1000)    class slots; "no class" is slot NO_CLASS_SLOT
+        codebook_size + 1000                     the mask token
+
+    With the release's 1024 codes: "no class" = 1100, mask = 2024, 2025 rows.
+    """
+    codebook_size: int
+    num_class_slots: int = NUM_CLASS_SLOTS
+
+    @property
+    def fake_class_label(self):
+        """The "no class" id, always at position 0 of an unconditional sequence."""
+        return self.codebook_size + NO_CLASS_SLOT
+
+    @property
+    def mask_token_label(self):
+        return self.codebook_size + self.num_class_slots
+
+    @property
+    def size(self):
+        """Rows of the embedding table (and logits of the MLM layer)."""
+        return self.mask_token_label + 1
+
+    def with_class_token(self, token_ids):
+        """(B, L) token ids -> (B, L + 1) with the "no class" id in front."""
+        class_ids = torch.full((token_ids.shape[0], 1), self.fake_class_label, dtype=torch.long,
+                               device=token_ids.device)
+        return torch.cat([class_ids, token_ids.long()], dim=1)
+
+
+def tokenizer_kwargs(args):
+    """Tokenizer keyword arguments of the model factories (here and in models_vit): --vqgan_ckpt, and
+    --vqgan_config when given (else the preset's)."""
+    kwargs = {"vqgan_ckpt_path": args.vqgan_ckpt or None}
+    if args.vqgan_config:
+        kwargs["vqgan_config"] = args.vqgan_config
+    return kwargs
+
+
+def check_input_size(model, input_size):
+    """UsageError unless --input_size gives the token grid the model (and its tokenizer config) expects."""
+    factor = model.vqgan.downsample_factor
+    if input_size % factor or input_size // factor != model.grid_size:
+        raise UsageError(f"--input_size {input_size} does not fit the tokenizer: it downsamples by {factor} and the "
+                         f"model expects a {model.grid_size}x{model.grid_size} token grid, so use --input_size "
+                         f"{model.grid_size * factor} (or a --vqgan_config with that resolution)")
 
 
 class MageAttention(nn.Module):
@@ -152,11 +207,11 @@ class MaskedGenerativeEncoderViT(nn.Module):
         self.vqgan, vqgan_settings = build_vqgan(vqgan_config, vqgan_ckpt_path)
         self.grid_size = token_grid_size(vqgan_settings)
         self.seq_len = self.grid_size ** 2
-        self.codebook_size = vqgan_settings["n_embed"]
-        vocab_size = self.codebook_size + NUM_UNUSED_CLASS_LABELS + 1
-        self.fake_class_label = self.codebook_size + 1100 - 1024
-        self.mask_token_label = vocab_size - 1
-        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=dropout)
+        self.vocab = TokenVocab(vqgan_settings["n_embed"])
+        self.codebook_size = self.vocab.codebook_size
+        self.fake_class_label = self.vocab.fake_class_label
+        self.mask_token_label = self.vocab.mask_token_label
+        self.token_emb = BertEmbeddings(self.vocab.size, embed_dim, self.seq_len + 1, dropout=dropout)
 
         self.mask_ratio_min = mask_ratio_min
         self.mask_ratio_generator = TruncatedNormal(mask_ratio_min, mask_ratio_max, mask_ratio_mu, mask_ratio_std)
@@ -182,7 +237,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
 
-        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
+        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, self.vocab.size)
         self.criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
         self.grad_checkpointing = False
         self.initialize_weights()
@@ -210,6 +265,9 @@ class MaskedGenerativeEncoderViT(nn.Module):
         super().train(mode)
         self.vqgan.eval()
         return self
+
+    def set_fused_attention(self, enabled):
+        set_fused_attention(self, enabled)
 
     def set_grad_checkpointing(self, enable=True):
         """Recompute block activations in the backward pass: less memory, about one more forward of compute."""
@@ -248,9 +306,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
 
     def with_class_token(self, token_ids):
         """(B, L) token ids -> (B, L + 1) with the class id in front."""
-        class_ids = torch.full((token_ids.shape[0], 1), self.fake_class_label, dtype=torch.long,
-                               device=token_ids.device)
-        return torch.cat([class_ids, token_ids.long()], dim=1)
+        return self.vocab.with_class_token(token_ids)
 
     def encode_tokens(self, token_indices, token_drop_mask=None):
         """token_indices (B, L+1) incl. class id and mask ids -> encoder output (B, kept, D)."""

@@ -7,7 +7,7 @@ import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
-from models_mage import NUM_UNUSED_CLASS_LABELS, BertEmbeddings, MageAttention
+from models_mage import BertEmbeddings, MageAttention, TokenVocab, set_fused_attention
 from taming.models.vqgan import build_vqgan, token_grid_size
 from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint
 from util.pos_embed import interpolate_pos_embed
@@ -30,24 +30,25 @@ class VisionTransformerMage(VisionTransformer):
         self.global_pool_features = global_pool
         self.vqgan, vqgan_settings = build_vqgan(vqgan_config, vqgan_ckpt_path)
         self.grid_size = token_grid_size(vqgan_settings)
-        self.codebook_size = vqgan_settings["n_embed"]
-        vocab_size = self.codebook_size + NUM_UNUSED_CLASS_LABELS + 1
-        self.fake_class_label = self.codebook_size + 1100 - 1024
-        self.mask_token_label = vocab_size - 1
-        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.grid_size ** 2 + 1, dropout=token_dropout)
+        self.vocab = TokenVocab(vqgan_settings["n_embed"])
+        self.codebook_size = self.vocab.codebook_size
+        self.fake_class_label = self.vocab.fake_class_label
+        self.mask_token_label = self.vocab.mask_token_label
+        self.token_emb = BertEmbeddings(self.vocab.size, embed_dim, self.grid_size ** 2 + 1, dropout=token_dropout)
 
     def train(self, mode=True):
         super().train(mode)
         self.vqgan.eval()
         return self
 
+    def set_fused_attention(self, enabled):
+        set_fused_attention(self, enabled)
+
     @torch.no_grad()
     def tokenize(self, imgs):
         """imgs (B, 3, H, W) -> (B, 1 + h*w) token ids with the class id in front."""
         _, _, (_, _, indices) = self.vqgan.encode(imgs)
-        indices = indices.reshape(imgs.shape[0], -1).long()
-        class_ids = torch.full((imgs.shape[0], 1), self.fake_class_label, dtype=torch.long, device=indices.device)
-        return torch.cat([class_ids, indices], dim=1)
+        return self.vocab.with_class_token(indices.reshape(imgs.shape[0], -1))
 
     def forward_tokens(self, token_indices):
         """token_indices (B, 1 + L) -> pooled representation (B, D)."""

@@ -16,6 +16,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from util.checkpoint import TMP_SUFFIX, write_atomic
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Prepare ImageNet validation references for FID", add_help=True)
@@ -34,12 +36,10 @@ def output_path(output_dir, index, digits):
 def convert(job, transform, output_dir, digits):
     """Resize, crop and write one image atomically; job = (index, source path)."""
     index, source = job
-    path = output_path(output_dir, index, digits)
-    tmp_path = os.path.join(output_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with open(source, "rb") as f:
         img = Image.open(f).convert("RGB")
-    transform(img).save(tmp_path, format="PNG")
-    os.replace(tmp_path, path)
+    image = transform(img)
+    write_atomic(output_path(output_dir, index, digits), lambda f: image.save(f, format="PNG"), sync=False)
 
 
 def main(args):
@@ -50,7 +50,7 @@ def main(args):
     digits = max(5, len(str(len(samples) - 1)))
     os.makedirs(args.output_dir, exist_ok=True)
     for name in os.listdir(args.output_dir):  # partial files of an interrupted run
-        if name.endswith(".tmp"):
+        if name.endswith(TMP_SUFFIX):
             os.remove(os.path.join(args.output_dir, name))
     jobs = [(i, path) for i, (path, _) in enumerate(samples)
             if not os.path.isfile(output_path(args.output_dir, i, digits))]

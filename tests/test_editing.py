@@ -10,7 +10,7 @@ import edit_img
 from conftest import draw_shape_image
 from models_mage import mage_vit_tiny_patch16
 from taming.models.vqgan import load_vqgan_config
-from util.misc import UsageError
+from util.errors import UsageError
 from util.sampling import image_generators
 
 TINY = ["--model", "mage_vit_tiny_patch16", "--random_init", "--device", "cpu", "--amp", "none",

@@ -9,10 +9,10 @@ import torch
 import main_finetune
 import models_vit
 import util.lr_sched as lr_sched
-import util.misc as misc
 from train_support import parse, run_torchrun, write_tokenizer_config
 from util import datasets
 from util.checkpoint import load_checkpoint
+from util.errors import UsageError
 from util.lr_decay import param_groups_lrd
 
 
@@ -138,6 +138,6 @@ def test_impossible_flags_are_usage_errors(tmp_path, image_folder, tokenizer_con
              (("--data_path", tmp_path), "has no 'val' folder")]
     for flags, message in cases:
         argv = finetune_args(image_folder, tmp_path / "out", tokenizer_config, mage_checkpoint, *flags)
-        with pytest.raises(misc.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             main_finetune.main(parse(main_finetune, argv))
         assert not (tmp_path / "out" / "checkpoint-last.pth").exists()

@@ -18,8 +18,8 @@ from gen_img_uncond import build_model, check_args, get_args_parser, prepare_fol
 from models_mage import mage_vit_tiny_patch16
 from train_support import run_torchrun, script_env
 from util.checkpoint import CheckpointError
+from util.errors import UsageError
 from util.fid import PIXEL_STATS, FidWeightsError, compute_metrics
-from util.misc import UsageError
 
 NUM_IMAGES = 8
 COMMON = ["--model", "mage_vit_tiny_patch16", "--num_images", str(NUM_IMAGES), "--num_iter", "3",

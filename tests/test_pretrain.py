@@ -10,11 +10,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_pretrain
-import util.misc as misc
 from conftest import write_image_folder
 from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun,
                            write_tokenizer_config)
 from util.checkpoint import CheckpointError, load_checkpoint
+from util.errors import TrainingError, UsageError
+from util.seeding import seed_everything
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,7 +82,7 @@ def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_co
 
     single = load_checkpoint(tmp_path / "single" / "checkpoint-last.pth")
     distributed = load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")
-    misc.seed_everything(0)  # the initial weights of both runs
+    seed_everything(0)  # the initial weights of both runs
     start = main_pretrain.build_model(parse(main_pretrain, pretrain_args(data, tmp_path, tokenizer_config)))
     assert max_abs_difference(single["model"], start.state_dict()) > 5e-5  # the step did move the weights
     assert max_abs_difference(single["model"], distributed["model"]) < 1e-5
@@ -143,7 +144,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, sh
     before = sha256(out / "checkpoint-last.pth")
     argv = pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8, "--epochs", 2, "--resume", out,
                          "--lr", 1e30, "--warmup_epochs", 0)
-    with pytest.raises(misc.TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+"):
         main_pretrain.main(parse(main_pretrain, argv))
     assert sha256(out / "checkpoint-last.pth") == before
 
@@ -154,7 +155,7 @@ def test_bad_image_is_named_or_skipped(tmp_path, tokenizer_config, caplog):
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
     argv = pretrain_args(data, tmp_path / "out", tokenizer_config, "--batch_size", 4, "--epochs", 1)
-    with pytest.raises(misc.TrainingError, match=f"cannot read image '{bad}'"):
+    with pytest.raises(TrainingError, match=f"cannot read image '{bad}'"):
         main_pretrain.main(parse(main_pretrain, argv))
     assert not os.path.exists(tmp_path / "out" / "checkpoint-last.pth")
 
@@ -180,7 +181,7 @@ def test_impossible_flags_fail_before_any_work(tmp_path, shapes, tokenizer_confi
              (("--input_size", 64), "--input_size 64 does not fit the tokenizer"),
              (("--batch_size", 1000), "smaller than one batch")]
     for flags, message in cases:
-        with pytest.raises(misc.UsageError, match=message):
+        with pytest.raises(UsageError, match=message):
             main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, out, tokenizer_config, *flags)))
         assert not glob.glob(str(out / "*.pth"))
 

@@ -10,7 +10,7 @@ from conftest import write_image_folder
 from taming.models.vqgan import build_vqgan
 from train_support import parse, run_torchrun
 from util.datasets import SeededImageFolder, pretrain_transform
-from util.misc import UsageError
+from util.errors import UsageError
 from util.token_cache import CachedTokenDataset
 
 COMMON = ["--vqgan_config", "config/vqgan_tiny.yaml", "--num_views", "2", "--batch_size", "4",

@@ -1,18 +1,21 @@
-"""util/misc.py runtime plumbing and util/datasets.py determinism."""
+"""Runtime plumbing (util/distributed.py, precision.py, metrics.py, cli.py) and util/datasets.py determinism."""
 import argparse
 import os
 
 import pytest
 import torch
 
-import util.misc as misc
 from util import datasets
+from util.cli import add_runtime_args
 from util.crop import RandomResizedCrop
+from util.distributed import _read_launcher_env, all_reduce_mean, get_world_size, init_distributed_mode, is_main_process
+from util.metrics import MetricLogger
+from util.precision import NativeScalerWithGradNormCount, autocast
 
 
 def runtime_parser():
     parser = argparse.ArgumentParser()
-    misc.add_runtime_args(parser)
+    add_runtime_args(parser)
     return parser
 
 
@@ -33,36 +36,36 @@ def test_launcher_environment_gives_rank_and_world_size(monkeypatch, env, expect
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     args = runtime_parser().parse_args([])
-    assert misc._read_launcher_env(args) == expected
+    assert _read_launcher_env(args) == expected
 
 
 def test_single_process_init_needs_no_launcher(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
     args = runtime_parser().parse_args(["--device", "cpu"])
-    misc.init_distributed_mode(args)
+    init_distributed_mode(args)
     assert (args.rank, args.world_size, args.distributed, args.device) == (0, 1, False, torch.device("cpu"))
-    assert misc.get_world_size() == 1 and misc.is_main_process() and misc.all_reduce_mean(2.5) == 2.5
+    assert get_world_size() == 1 and is_main_process() and all_reduce_mean(2.5) == 2.5
 
 
 def test_autocast_and_scaler_follow_amp_choice():
     layer = torch.nn.Linear(4, 4)
-    with misc.autocast("cpu", "bf16"):
+    with autocast("cpu", "bf16"):
         assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
-    with misc.autocast("cpu", "none"):
+    with autocast("cpu", "none"):
         assert layer(torch.randn(2, 4)).dtype == torch.float32
 
-    scaler = misc.NativeScalerWithGradNormCount("fp16", "cpu")
+    scaler = NativeScalerWithGradNormCount("fp16", "cpu")
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     norm = scaler(layer(torch.randn(3, 4)).pow(2).sum(), optimizer, clip_grad=1e-3, parameters=layer.parameters())
     total = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])
     assert norm > 1e-3 and total == pytest.approx(1e-3, rel=1e-3)  # returns the norm before clipping
     assert scaler.state_dict()["scale"] > 1  # fp16 uses a real GradScaler
-    assert misc.NativeScalerWithGradNormCount("bf16", "cpu").state_dict() == {}
+    assert NativeScalerWithGradNormCount("bf16", "cpu").state_dict() == {}
 
 
 def test_metric_logger_prints_progress_and_eta(capsys):
-    logger = misc.MetricLogger()
+    logger = MetricLogger()
     for step in logger.log_every(range(3), 2, "Epoch: [0]"):
         logger.update(loss=float(step))
     out = capsys.readouterr().out

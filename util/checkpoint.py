@@ -1,24 +1,28 @@
-"""Safe checkpoint reading, checked state-dict loading and atomic writing.
+"""Checkpoints: safe reading, checked state-dict loading, training save/resume, and the one atomic file write
+(`write_atomic`) that every file the project writes whole goes through.
 
 Every checkpoint in this project is read through `load_checkpoint`: `torch.load(weights_only=True)` with
 `argparse.Namespace` allow-listed, so a file can never run code. Errors name the file and the problem.
 """
 import argparse
+import json
 import logging
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 
 import torch
+
+from util.distributed import barrier, is_main_process
+from util.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 torch.serialization.add_safe_globals([argparse.Namespace])
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: unreadable, unsafe, or not matching the model."""
+CHECKPOINT_LAST = "checkpoint-last.pth"
+TMP_SUFFIX = ".tmp"  # every temporary file of write_atomic ends so; a rerun may delete leftovers of a killed run
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -104,27 +108,123 @@ def load_state_dict_checked(model, state_dict, source="checkpoint", allowed_miss
     return result, ignored
 
 
-def save_checkpoint_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def write_atomic(path, write, sync=True):
+    """Write `path` through `write(file)` (a binary file) into a hidden temporary file in the same folder, then
+    rename it over `path`. A crash at any point leaves either the previous file or the new one, never a
+    partial file.
 
-    A crash at any point leaves either the previous file or the new one, never a partial file.
+    sync: fsync the file before and the folder after the rename, so the new file also survives a power loss.
+    Bulk outputs that a rerun checks anyway (generated images) skip it: it costs a disk flush per file.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp_path, "xb") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint_atomic(obj, path):
+    """torch.save through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_json_atomic(path, obj, indent=2):
+    """json.dump through write_atomic."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training checkpoints: save every epoch, resume
+# ----------------------------------------------------------------------------------------------------------
+
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None):
+    """Write {model, optimizer, scaler, epoch, args} atomically (rank 0).
+
+    Without `name`: checkpoint-last.pth every epoch, plus checkpoint-{epoch}.pth every --save_every epochs and
+    after the last epoch. With `name`: checkpoint-{name}.pth only. Returns the paths written.
+    """
+    if not args.output_dir:
+        return []
+    paths = []
+    if is_main_process():
+        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+                 "epoch": epoch, "args": args_for_checkpoint(args)}
+        if name is not None:
+            names = [f"checkpoint-{name}.pth"]
+        else:
+            names = [CHECKPOINT_LAST]
+            save_every = getattr(args, "save_every", 0)
+            if (save_every > 0 and epoch % save_every == 0) or epoch + 1 == args.epochs:
+                names.append(f"checkpoint-{epoch}.pth")
+        for file_name in names:
+            path = os.path.join(args.output_dir, file_name)
+            save_checkpoint_atomic(state, path)
+            paths.append(path)
+    barrier()
+    return paths
+
+
+def args_for_checkpoint(args):
+    """A copy of args whose values are plain types (torch.device -> str) so weights_only loading accepts it."""
+    plain = argparse.Namespace(**vars(args))
+    for key, value in vars(plain).items():
+        if isinstance(value, torch.device):
+            setattr(plain, key, str(value))
+    return plain
+
+
+def resolve_resume_path(args):
+    """The checkpoint --resume / --auto_resume point at, or '' for a fresh start."""
+    resume = getattr(args, "resume", "")
+    if resume:
+        if os.path.isdir(resume):
+            path = os.path.join(resume, CHECKPOINT_LAST)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"--resume folder '{resume}' has no {CHECKPOINT_LAST}")
+            return path
+        return resume
+    if getattr(args, "auto_resume", False) and args.output_dir:
+        path = os.path.join(args.output_dir, CHECKPOINT_LAST)
+        if os.path.isfile(path):
+            return path
+    return ""
+
+
+def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None):
+    """Resume from --resume (file or folder) or --auto_resume: model, optimizer, scaler; start at epoch + 1.
+
+    Returns the checkpoint path used, or '' when there is nothing to resume. Mismatching keys raise
+    CheckpointError with the key names.
+    """
+    path = resolve_resume_path(args)
+    if not path:
+        return ""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(f"'{path}' is not a training checkpoint (no 'model' entry)")
+    load_state_dict_checked(model_without_ddp, checkpoint["model"], source=path)
+    print(f"Resumed model weights from {path}")
+    if optimizer is not None and "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        args.start_epoch = checkpoint["epoch"] + 1
+        if loss_scaler is not None and checkpoint.get("scaler") is not None:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        print(f"Resumed optimizer and scaler; continuing at epoch {args.start_epoch}")
+    return path

@@ -12,13 +12,15 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.crop import RandomResizedCrop
-from util.misc import TrainingError, UsageError, derive_seed, get_rank, get_world_size
+from util.distributed import get_rank, get_world_size
+from util.errors import TrainingError, UsageError
+from util.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +127,50 @@ def finetune_mean_std(args):
     return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
+def auto_augment_policy(aa):
+    """timm's auto_augment argument for --aa: None (off) for 'none' or an empty string."""
+    return None if aa.strip().lower() in ("", "none") else aa
+
+
+def _posterize_0_bits_black(img, bits_to_keep, **kwargs):
+    # 0 bits: Pillow <= 12 returned `pixel & 0` per channel (a black image), what the reference trained on;
+    # Pillow 13 raises "bits must be between or equal to 1 and 8" instead.
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def keep_reference_posterize(transform):
+    """Make timm's posterize ops in `transform` give the reference's black image for 0 bits (in place).
+
+    RandAugment 'inc1' keeps 4 - int(m / 10 * 4) bits, so magnitude 10, which the mstd noise reaches in ~2 %
+    of draws at m9, keeps 0 bits: about 1 image in 660 with rand-m9-mstd0.5-inc1, so with Pillow 13 a
+    1,000-image epoch crashed 4 times in 5. AutoAugment v0's ('Posterize', 0.8, 2) keeps 0 bits too.
+    Only these op instances change, not timm.
+    """
+    for step in getattr(transform, "transforms", ()):
+        ops = list(getattr(step, "ops", ()))  # RandAugment, AugMix
+        for sub_policy in getattr(step, "policy", ()):  # AutoAugment
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_0_bits_black
+    return transform
+
+
 def finetune_train_transform(args):
-    """timm's ImageNet training transform: RandomResizedCrop(0.2-1), flip, RandAugment, normalise, erasing."""
+    """timm's ImageNet training transform: RandomResizedCrop(0.2-1), flip, RandAugment, normalise, erasing.
+
+    The arguments are the reference's (timm 0.3.2), and timm 1.0 builds the same steps from them. Pillow 13
+    differs from older Pillow twice: posterize at 0 bits raises (see keep_reference_posterize), and a crop
+    that the resize widens but shortens is resampled in the other pass order (a grey level or so; left as is).
+    """
     mean, std = finetune_mean_std(args)
-    return create_transform(input_size=args.input_size, is_training=True, scale=(0.2, 1.0),
-                            color_jitter=args.color_jitter, auto_augment=args.aa or None,
-                            interpolation=args.interpolation, re_prob=args.reprob, re_mode=args.remode,
-                            re_count=args.recount, mean=mean, std=std)
+    transform = create_transform(input_size=args.input_size, is_training=True, scale=(0.2, 1.0),
+                                 color_jitter=args.color_jitter, auto_augment=auto_augment_policy(args.aa),
+                                 interpolation=args.interpolation, re_prob=args.reprob, re_mode=args.remode,
+                                 re_count=args.recount, mean=mean, std=std)
+    return keep_reference_posterize(transform)
 
 
 def denormalize(images, mean, std):

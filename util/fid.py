@@ -13,8 +13,8 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from util.checkpoint import CheckpointError, load_checkpoint
-from util.misc import TrainingError
+from util.checkpoint import load_checkpoint
+from util.errors import CheckpointError, TrainingError
 
 INCEPTION = "inception-v3-compat"
 PIXEL_STATS = "mage-pixel-stats"

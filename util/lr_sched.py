@@ -1,5 +1,8 @@
-"""Per-iteration learning-rate schedule: linear warm-up, then half-cycle cosine down to min_lr."""
+"""The lr of a run (--lr, or --blr scaled by the effective batch) and its per-iteration schedule: linear
+warm-up, then half-cycle cosine down to min_lr."""
 import math
+
+from util.distributed import get_world_size
 
 
 def lr_at(epoch, args):
@@ -16,3 +19,13 @@ def adjust_learning_rate(optimizer, epoch, args):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+def effective_lr(args):
+    """args.lr, or blr * effective batch / 256 when only --blr is given. Prints both."""
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}  actual lr: {args.lr:.2e}  "
+          f"accumulate grad iterations: {args.accum_iter}  effective batch size: {eff_batch_size}")
+    return args.lr

@@ -8,8 +8,6 @@ import argparse
 
 import torch
 
-from models_mage import set_fused_attention
-
 REFERENCE_NUMERICS = dict(amp="none", fused_attn=False, channels_last=False, tokenizer_dtype="fp32",
                           compile=False, fused_optimizer=False)
 
@@ -50,8 +48,9 @@ def tokenizer_dtype(args, device):
 
 
 def apply_perf_settings(model, args, device):
-    """Configure a MAGE model or classifier (anything with `.vqgan`) for the chosen speed settings."""
-    set_fused_attention(model, getattr(args, "fused_attn", True))
+    """Configure a MAGE model or classifier (anything with `.vqgan` and `set_fused_attention`) for the chosen
+    speed settings."""
+    model.set_fused_attention(getattr(args, "fused_attn", True))
     model.vqgan.set_inference_mode(tokenizer_dtype(args, device), channels_last=getattr(args, "channels_last", False))
     if getattr(args, "grad_checkpointing", False):
         model.set_grad_checkpointing(True)

@@ -15,7 +15,9 @@ import os
 import numpy as np
 import torch
 
-from util.misc import UsageError, derive_seed
+from util.checkpoint import save_json_atomic, write_atomic
+from util.errors import UsageError
+from util.seeding import derive_seed
 
 META_FILE = "meta.json"
 
@@ -25,9 +27,7 @@ def shard_paths(cache_dir, rank):
 
 
 def save_npy_atomic(path, array):
-    tmp_path = path + ".tmp.npy"
-    np.save(tmp_path, array)
-    os.replace(tmp_path, path)
+    write_atomic(path, lambda f: np.save(f, array))
 
 
 def write_shard(cache_dir, rank, tokens, indices, labels):
@@ -38,10 +38,7 @@ def write_shard(cache_dir, rank, tokens, indices, labels):
 
 
 def write_meta(cache_dir, meta):
-    tmp_path = os.path.join(cache_dir, META_FILE + ".tmp")
-    with open(tmp_path, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp_path, os.path.join(cache_dir, META_FILE))
+    save_json_atomic(os.path.join(cache_dir, META_FILE), meta)
 
 
 def read_meta(cache_dir):

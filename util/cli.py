@@ -1,0 +1,54 @@
+"""Command-line pieces shared by the scripts: the runtime and checkpoint flag groups, and `run_script`, which
+turns the scripts' errors into one-line messages."""
+import builtins
+import sys
+
+import torch
+
+from util.errors import CheckpointError, TrainingError, UsageError
+from util.precision import default_amp
+
+
+def add_runtime_args(parser):
+    """Device, seed, mixed precision, data loading and distributed flags (reference names)."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="'cuda' or 'cpu'; each process uses cuda:LOCAL_RANK under a launcher")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--amp", default=default_amp(), choices=("bf16", "fp16", "none"),
+                       help="autocast dtype (fp16 adds a GradScaler; attention softmax stays float32)")
+    group.add_argument("--num_workers", default=10, type=int)
+    group.add_argument("--pin_mem", action="store_true", default=True,
+                       help="pin CPU memory in the DataLoader for faster transfer to the GPU")
+    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    group.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    group.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                       help="set by torch.distributed.launch; torchrun passes LOCAL_RANK instead")
+    group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return group
+
+
+def add_checkpoint_args(parser, save_every):
+    """Output, tensorboard and resume flags."""
+    group = parser.add_argument_group("checkpoints and logs")
+    group.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
+    group.add_argument("--log_dir", default="./output_dir", help="tensorboard folder ('' for none)")
+    group.add_argument("--save_every", default=save_every, type=int,
+                       help="also keep checkpoint-N.pth every this many epochs (checkpoint-last.pth is every epoch)")
+    group.add_argument("--resume", default="", help="checkpoint file, or an output folder (its checkpoint-last.pth)")
+    group.add_argument("--auto_resume", action="store_true",
+                       help="resume from output_dir/checkpoint-last.pth when it exists")
+    group.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
+    return group
+
+
+def run_script(parser, main):
+    """Parse, run `main(args)`; UsageError becomes an argparse error, TrainingError a one-line exit."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UsageError as err:
+        parser.error(str(err))
+    except (TrainingError, CheckpointError) as err:
+        builtins.print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
