@@ -50,7 +50,7 @@ from taming.models.vqgan import build_vqgan, load_vqgan_config, token_grid_size
 from util import synthetic_data
 from util.checkpoint import CHECKPOINT_LAST, save_json_atomic
 from util.errors import CheckpointError, TrainingError, UsageError
-from util.fid import INCEPTION, compute_metrics, inception_cache_path
+from util.fid import INCEPTION, FidWeightsError, compute_metrics, inception_cache_path, resolve_inception_weights
 from util.precision import autocast, default_amp
 from util.token_cache import META_FILE, write_meta, write_shard
 
@@ -643,7 +643,18 @@ def draw_curves(panels, path, width=460, height=320):
     canvas.save(path)
 
 
+def check_fid_weights(args):
+    """Inception weights that are there but unusable stop the demo now, not after the other stages."""
+    weights = args.fid_weights or (inception_cache_path() if os.path.isfile(inception_cache_path()) else "")
+    if weights:
+        try:
+            resolve_inception_weights(weights)
+        except FidWeightsError as err:
+            raise SystemExit(f"demo: {err}") from None
+
+
 def main(args):
+    check_fid_weights(args)
     demo = Demo(args)
     print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {demo.device}, {demo.resolution}x"
           f"{demo.resolution} images, output in {demo.out}")

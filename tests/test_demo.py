@@ -2,11 +2,13 @@
 interruption and skips finished stages on a rerun."""
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 import demo
@@ -137,3 +139,12 @@ def test_summary_table_points_to_more_pretraining_only_when_samples_collapse(run
 def test_loss_curve_running_mean_is_trailing():
     assert demo.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert demo.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
+
+
+def test_unusable_fid_weights_stop_the_demo_before_any_stage(tmp_path):
+    torch.save({"state_dict": {"a": torch.zeros(3)}}, tmp_path / "w.pth")
+    args = demo.get_args_parser().parse_args(["--quick", "--output_dir", str(tmp_path / "out"),
+                                              "--fid_weights", str(tmp_path / "w.pth")])
+    with pytest.raises(SystemExit, match=r"demo: unusable Inception weights .*not a state dict"):
+        demo.main(args)
+    assert not (tmp_path / "out").exists()
