@@ -355,7 +355,7 @@ class Demo:
         weights = self.fid_weights()
         if not weights:
             reason = (f"no Inception weights at {inception_cache_path()} and no --fid_weights (nothing is "
-                      f"downloaded; put pt_inception-2015-12-05-6726825d.pth there to get FID/IS)")
+                      f"downloaded; put {os.path.basename(inception_cache_path())} there to get FID/IS)")
             print(f"FID/IS skipped: {reason}")
             return {"skipped": reason}
         reference = os.path.join(folder, "val_images")

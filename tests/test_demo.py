@@ -3,6 +3,7 @@ interruption and skips finished stages on a rerun."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -139,6 +140,18 @@ def test_summary_table_points_to_more_pretraining_only_when_samples_collapse(run
 def test_loss_curve_running_mean_is_trailing():
     assert demo.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert demo.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
+
+
+def test_fid_skip_message_names_the_file_it_looks_for(tmp_path, monkeypatch):
+    """Following the hint (put NAME at the folder it names) makes the FID stage find the weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    run = demo.Demo(demo.get_args_parser().parse_args(["--quick", "--output_dir", str(tmp_path / "out")]))
+    reason = run.stage_fid(str(tmp_path / "fid"))["skipped"]
+    hint = re.search(r"no Inception weights at (\S+) .*put (\S+) there", reason)
+    folder = os.path.dirname(hint.group(1))
+    os.makedirs(folder)
+    open(os.path.join(folder, hint.group(2)), "wb").close()
+    assert run.fid_weights() == os.path.join(folder, hint.group(2))
 
 
 def test_unusable_fid_weights_stop_the_demo_before_any_stage(tmp_path):
