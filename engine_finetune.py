@@ -3,20 +3,15 @@
 `input_fn` maps a loaded batch to what `model` takes: undoing the mean/std normalisation for fine-tuning,
 or frozen backbone features for the linear probe (where `model` is only the trained head).
 """
-import datetime
-import time
-
 import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
-from util.checkpoint import save_model
-from util.datasets import set_epoch
-from util.distributed import all_reduce_mean, cleanup_distributed, get_rank, no_sync_if, unwrap
+from util.distributed import all_reduce_mean, no_sync_if, unwrap
 from util.errors import check_finite
-from util.metrics import MetricLogger, SmoothedValue, append_log, make_log_writer
+from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast
-from util.seeding import derive_seed, seed_everything
+from util.train_loop import fit
 
 PRINT_FREQ = 20
 
@@ -94,40 +89,32 @@ def evaluate(data_loader, model, device, args, input_fn=None):
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
-        mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
-    """Train for args.start_epoch..args.epochs: one epoch, a checkpoint, an evaluation, logs.
+def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
+                   mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
+    """Train for args.start_epoch..args.epochs with util.train_loop.fit, evaluating after every epoch.
 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
     evaluated (default: the unwrapped model). Returns the last evaluation's statistics.
     """
-    checkpoint_model = checkpoint_model or unwrap(model)
     eval_model = eval_model or unwrap(model)
-    log_writer = make_log_writer(args)
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    max_accuracy, test_stats = 0.0, {}
     num_val = len(loader_val.dataset)
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            set_epoch(loader_train, epoch)
-            seed_everything(derive_seed(args.seed, epoch, get_rank()))
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                          max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
-                                          args=args, input_fn=input_fn)
-            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
-            test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
-            if log_writer is not None:
-                for key in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-                log_writer.flush()
-            append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
-                              **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
-    finally:
+    max_accuracy = 0.0
+
+    def train_epoch(epoch, log_writer):
+        return train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                               max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+                               input_fn=input_fn)
+
+    def evaluate_epoch(epoch, log_writer):
+        nonlocal max_accuracy
+        test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
         if log_writer is not None:
-            log_writer.close()
-        cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        return test_stats
+
+    _, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer, loss_scaler,
+                        evaluate_epoch)
     return test_stats

@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.datasets as data
 import util.lr_decay as lrd
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
@@ -112,7 +112,7 @@ def check_args(args):
             data.finetune_train_transform(args)
         except (AssertionError, KeyError, ValueError) as err:
             raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
-                                  f"'none' turns it off") from None
+                         f"'none' turns it off") from None
 
 
 def build_model(args):
@@ -192,8 +192,8 @@ def main(args):
         cleanup_distributed()
         return test_stats
 
-    return fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=input_fn,
-               mixup_fn=mixup_fn, max_norm=args.clip_grad)
+    return fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device,
+                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from timm.layers import trunc_normal_
 
 import models_vit
 import util.datasets as data
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
@@ -160,8 +160,8 @@ def main(args):
         cleanup_distributed()
         return test_stats
 
-    return fit(args, head, torch.nn.CrossEntropyLoss(), loader_train, loader_val, optimizer, loss_scaler, device,
-               input_fn=input_fn, checkpoint_model=model, eval_model=model.head)
+    return fit_classifier(args, head, torch.nn.CrossEntropyLoss(), loader_train, loader_val, optimizer, loss_scaler,
+                          device, input_fn=input_fn, checkpoint_model=model, eval_model=model.head)
 
 
 if __name__ == "__main__":

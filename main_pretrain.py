@@ -1,7 +1,5 @@
 """MAGE pre-training: masked token modelling over a frozen VQGAN tokenizer, under torchrun DDP or alone."""
 import argparse
-import datetime
-import time
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -10,17 +8,16 @@ import models_mage
 import util.datasets as data
 from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model, resolve_resume_path, save_model
+from util.checkpoint import load_model, resolve_resume_path
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
-from util.distributed import cleanup_distributed, get_rank, get_world_size, unwrap, wrap_ddp
+from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
-from util.metrics import append_log, make_log_writer
 from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount
 from util.run import setup_run
-from util.seeding import derive_seed, seed_everything
 from util.token_cache import CachedTokenDataset, read_meta
+from util.train_loop import fit
 
 
 def get_args_parser():
@@ -133,25 +130,12 @@ def main(args):
     print(optimizer)
     loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
     load_model(args, model_without_ddp, optimizer, loss_scaler)
-    log_writer = make_log_writer(args)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            data.set_epoch(data_loader_train, epoch)
-            seed_everything(derive_seed(args.seed, epoch, get_rank()))
-            train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                          log_writer=log_writer, args=args)
-            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-            append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
-            if log_writer is not None:
-                log_writer.flush()
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-        cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    def train_epoch(epoch, log_writer):
+        return train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer,
+                               args=args)
+
+    fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""`fit`: the epoch loop of pre-training, the linear probe and fine-tuning."""
+import datetime
+import time
+
+from util.checkpoint import save_model
+from util.datasets import set_epoch
+from util.distributed import cleanup_distributed, get_rank
+from util.metrics import append_log, make_log_writer
+from util.seeding import derive_seed, seed_everything
+
+
+def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scaler, evaluate_epoch=None):
+    """Run epochs args.start_epoch .. args.epochs - 1 and return the last one's (train stats, test stats).
+
+    Each epoch: set the sampler's and dataset's epoch and seed the global RNGs from (seed, epoch, rank), so that
+    a resumed run continues exactly as an uninterrupted one; `train_epoch(epoch, log_writer)` -> train stats;
+    save checkpoint-last.pth (and checkpoint-N.pth, see util.checkpoint.save_model) of `checkpoint_model`;
+    `evaluate_epoch(epoch, log_writer)` -> test stats, when given; one log.txt line
+    {train_*, test_*, epoch}; flush tensorboard. The tensorboard writer (rank 0, --log_dir) and the process
+    group are closed at the end, also when an epoch fails.
+    """
+    log_writer = make_log_writer(args)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    train_stats, test_stats = {}, {}
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            set_epoch(loader_train, epoch)
+            seed_everything(derive_seed(args.seed, epoch, get_rank()))
+            train_stats = train_epoch(epoch, log_writer)
+            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
+            if evaluate_epoch is not None:
+                test_stats = evaluate_epoch(epoch, log_writer)
+            append_log(args, {**{f"train_{k}": v for k, v in train_stats.items()},
+                              **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
+            if log_writer is not None:
+                log_writer.flush()
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        cleanup_distributed()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return train_stats, test_stats
