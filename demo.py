@@ -50,7 +50,7 @@ from taming.models.vqgan import build_vqgan, load_vqgan_config, token_grid_size
 from util import judge, plots, synthetic_data
 from util.checkpoint import save_json_atomic
 from util.errors import CheckpointError, TrainingError, UsageError
-from util.fid import INCEPTION, compute_metrics, inception_cache_path
+from util.fid import INCEPTION, FidWeightsError, compute_metrics, inception_cache_path, resolve_inception_weights
 from util.precision import autocast, default_amp
 
 # Settings of each stage. The tokenizer gets main_tokenizer.py's recipe for config/vqgan_demo.yaml plus
@@ -513,7 +513,18 @@ def print_table(summary):
     print("\n" + "\n".join(lines))
 
 
+def check_fid_weights(args):
+    """Inception weights that are there but unusable stop the demo now, not after the other stages."""
+    weights = args.fid_weights or (inception_cache_path() if os.path.isfile(inception_cache_path()) else "")
+    if weights:
+        try:
+            resolve_inception_weights(weights)
+        except FidWeightsError as err:
+            raise SystemExit(f"demo: {err}") from None
+
+
 def main(args):
+    check_fid_weights(args)
     ctx = Context(args)
     print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {ctx.device}, {ctx.resolution}x"
           f"{ctx.resolution} images, output in {ctx.out}")

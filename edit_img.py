@@ -50,9 +50,10 @@ def get_args_parser():
     edit.add_argument("--mask_image", default="",
                       help="inpaint: mask file for all inputs, or a folder with a mask per input (same name); "
                            "white = regenerate")
-    edit.add_argument("--outpaint_pixels", type=int, default=None, help="outpaint: margin on every side")
-    edit.add_argument("--outpaint", nargs=4, type=int, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
-                      help="outpaint: margin per side, in pixels of the output canvas")
+    margins = edit.add_mutually_exclusive_group()  # both at once would contradict each other
+    margins.add_argument("--outpaint_pixels", type=int, default=None, help="outpaint: margin on every side")
+    margins.add_argument("--outpaint", nargs=4, type=int, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                         help="outpaint: margin per side, in pixels of the output canvas")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temp", default=4.5, type=float)
     sampling.add_argument("--num_iter", default=12, type=int)

@@ -7,7 +7,9 @@
 Layout: OUTPUT_DIR/<settings>/images/00000.png ... (only samples, so the folder can be given to torch-fidelity
 as is), OUTPUT_DIR/<settings>/grid.png, settings.json and metrics.json. Image k depends only on
 (seed, k, settings): it has its own random generator, and batches are fixed chunks of the image indices that
-are dealt out to the ranks, so any number of processes writes the same files. A rerun skips written images.
+are dealt out to the ranks, so any number of processes writes the same files for the same per-process batch
+size, thread count and device kind. Another batch size or thread count may change some images (matmul kernels
+block the work differently, low bits move and near-tied tokens flip). A rerun skips written images.
 """
 import argparse
 import hashlib
@@ -57,7 +59,8 @@ def get_args_parser():
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temp", default=4.5, type=float, help="choice temperature (paper's numbers: 6.0)")
     sampling.add_argument("--num_iter", default=12, type=int, help="decoding steps (paper's numbers: 20)")
-    sampling.add_argument("--batch_size", default=32, type=int, help="images per forward pass per process")
+    sampling.add_argument("--batch_size", default=32, type=int, help="images per forward pass per process; the files are the same for the same batch size, "
+                               "thread count and device kind (another batch size may change some images)")
     sampling.add_argument("--num_images", default=50000, type=int)
     sampling.add_argument("--output_dir", default="output_dir")
     evaluation = parser.add_argument_group("evaluation")

@@ -63,3 +63,22 @@ def one_torch_thread():
 def image_folder(tmp_path):
     """A 4-class ImageFolder (train 8/class, val 4/class, 64x64) in a temporary folder."""
     return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A randomly initialised torch-fidelity InceptionV3 state dict in a file (96 MB): the real extractor's names
+    and shapes, so the Inception path of FID runs offline (the numbers mean nothing)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random initialisation
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")
+    torch.manual_seed(0)
+    model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
+    path = folder / "random-inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 import demo
@@ -166,3 +167,24 @@ def test_summary_table_points_to_more_pretraining_only_when_samples_collapse(run
 def test_loss_curve_running_mean_is_trailing():
     assert plots.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert plots.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
+
+
+def test_fid_skip_message_names_the_file_it_looks_for(tmp_path, monkeypatch):
+    """Following the hint (put NAME at the folder it names) makes the FID stage find the weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    ctx = demo.Context(demo.get_args_parser().parse_args(["--quick", "--output_dir", str(tmp_path / "out")]))
+    reason = demo.stage_fid(ctx, str(tmp_path / "fid"))["skipped"]
+    hint = re.search(r"no Inception weights at (\S+) .*put (\S+) there", reason)
+    folder = os.path.dirname(hint.group(1))
+    os.makedirs(folder)
+    open(os.path.join(folder, hint.group(2)), "wb").close()
+    assert demo.fid_weights(ctx) == os.path.join(folder, hint.group(2))
+
+
+def test_unusable_fid_weights_stop_the_demo_before_any_stage(tmp_path):
+    torch.save({"state_dict": {"a": torch.zeros(3)}}, tmp_path / "w.pth")
+    args = demo.get_args_parser().parse_args(["--quick", "--output_dir", str(tmp_path / "out"),
+                                              "--fid_weights", str(tmp_path / "w.pth")])
+    with pytest.raises(SystemExit, match=r"demo: unusable Inception weights .*not a state dict"):
+        demo.main(args)
+    assert not (tmp_path / "out").exists()

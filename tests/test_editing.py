@@ -135,3 +135,11 @@ def test_usage_errors(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(UsageError, match="no images"):
         edit_img.main(parse("--mode", "reconstruct", "--input", str(tmp_path / "empty")))
+
+
+def test_outpaint_pixels_and_per_side_margins_together_are_refused(tmp_path, capsys):
+    photo = write_image(tmp_path / "photo.png", 64, 64)
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--mode", "outpaint", "--input", photo, "--outpaint_pixels", "4", "--outpaint", "0", "0", "8", "0")
+    assert exit_info.value.code == 2
+    assert "--outpaint: not allowed with argument --outpaint_pixels" in capsys.readouterr().err

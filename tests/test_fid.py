@@ -76,6 +76,27 @@ def test_missing_inception_weights_say_how_to_get_them(tmp_path, monkeypatch):
         resolve_inception_weights(str(unsafe))
 
 
+@pytest.mark.slow
+def test_weights_that_are_not_torch_fidelitys_inception_say_what_is_wrong(tmp_path, random_inception_weights):
+    assert resolve_inception_weights(random_inception_weights) == random_inception_weights
+    state = torch.load(random_inception_weights, weights_only=True)
+    cases = {
+        "wrong_keys.pth": ({"state_dict": {"a": torch.zeros(3)}}, r"not a state dict .*\['state_dict'\]"),
+        "other_keys.pth": ({"a": torch.zeros(3)}, rf"{len(state)} of {len(state)} keys missing .*1 unexpected"),
+        "one_missing.pth": ({k: v for k, v in state.items() if k != "fc.bias"},
+                            r"1 of \d+ keys missing \(first: fc.bias\), 0 unexpected, 0 with another shape"),
+        "reshaped.pth": ({**state, "fc.weight": state["fc.weight"][:10]},
+                         r"0 unexpected, 1 with another shape \(first: fc.weight is \(10, 2048\), expected "
+                         r"\(1008, 2048\)\)"),
+        "list.pth": ([torch.zeros(1)], "not a state dict but a list"),
+    }
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(FidWeightsError, match=message) as error:
+            resolve_inception_weights(str(tmp_path / name))
+        assert "\n" not in str(error.value) and str(error.value).count("Mixed_") <= 1  # one line, no key list
+
+
 def local_inception_weights():
     path = os.environ.get("MAGE_FID_WEIGHTS") or inception_cache_path()
     return path if os.path.isfile(path) else None
