@@ -11,6 +11,7 @@ utilisation. --compare runs the same work in reference numerics (fp32, explicit 
 contiguous NCHW, no compile) and in the fast mode, in one process, alternating the two call by call, and
 prints the ratios.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 import contextlib
 import json

@@ -18,18 +18,14 @@ A stage whose OUTPUT_DIR/<stage>/stage.json records the same settings is skipped
 interrupted continues where it stopped (the scripts' --auto_resume, written images are kept). Ends with a
 summary table, OUTPUT_DIR/summary.json and pictures in OUTPUT_DIR/pictures/.
 """
-import os
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 
-# Small tensors on a CPU: GNU OpenMP's default spin-wait made a pre-training step 10-100x slower whenever other
-# processes kept the cores busy, and OMP_WAIT_POLICY=PASSIVE made it 1.6x slower on an idle machine. A short
-# spin is as fast as the default when idle and as robust as passive waiting under load (README, "Speed").
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402  (the OpenMP setting must precede the torch import)
+import argparse
 import copy
 import glob
 import json
 import math
+import os
 import shutil
 import time
 

@@ -15,6 +15,7 @@ other tokens are kept, so the rest of the image comes back through the tokenizer
 Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (input | masked | result rows,
 for the first 16 images).
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 import os
 

@@ -9,6 +9,7 @@ as is), OUTPUT_DIR/<settings>/grid.png, settings.json and metrics.json. Image k 
 (seed, k, settings): it has its own random generator, and batches are fixed chunks of the image indices that
 are dealt out to the ranks, so any number of processes writes the same files. A rerun skips written images.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 import hashlib
 import json

@@ -6,6 +6,7 @@
 Each view is the pre-training augmentation (RandomResizedCrop(scale 0.2-1) + horizontal flip), seeded by
 (seed, view, image index), so the cache does not depend on the number of processes. Shards are uint16.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 import os
 

@@ -4,6 +4,7 @@ As in the reference, the training transform normalises by ImageNet mean/std (so 
 work in that space) and the batch is mapped back to [0, 1] pixels right before the tokenizer, after Mixup.
 --no_normalize skips both.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 
 import torch

@@ -3,6 +3,7 @@
 --cache_features runs the frozen backbone once over each split and trains the head on the stored features
 (one fixed augmented view per training image); without it the backbone runs every epoch on fresh crops.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 
 import torch

@@ -6,6 +6,7 @@
 Writes output_dir/tokenizer.ckpt ({'state_dict': ...}, the key format of vqgan_jax_strongaug.ckpt) and
 output_dir/tokenizer.yaml; pass them to any MAGE script as --vqgan_ckpt / --vqgan_config.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 import argparse
 import datetime
 import os
