@@ -287,7 +287,7 @@ class Demo:
         stats = run_script(main_linprobe, [
             "--model", "vit_demo", "--vqgan_config", self.tokenizer_files()[1], "--input_size", self.resolution,
             "--finetune", self.mage_checkpoint(), "--global_pool", "--nb_classes", num_classes,
-            "--data_path", self.data_root(), "--cache_features", "--no_train_aug",
+            "--data_path", self.data_root(), "--cache_features", "--no-train_aug",
             "--batch_size", preset["batch_size"], "--epochs", preset["epochs"], "--blr", preset["blr"],
             "--warmup_epochs", preset["warmup_epochs"], "--output_dir", os.path.join(folder, "linprobe"),
             "--log_dir", "", "--save_every", 0, "--auto_resume", "--device", self.device,

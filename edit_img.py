@@ -16,6 +16,7 @@ Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (in
 for the first 16 images).
 """
 import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 
@@ -59,7 +60,7 @@ def get_args_parser():
     sampling.add_argument("--num_iter", default=12, type=int)
     sampling.add_argument("--batch_size", default=8, type=int)
     sampling.add_argument("--output_dir", default="output_dir/edit")
-    add_runtime_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 

@@ -7,6 +7,7 @@ so the folder can be given to torch-fidelity as is. PNG matters: JPEG references
 11.1 for ViT-B). A rerun skips files already written (writes are atomic), so an interrupted run can resume.
 """
 import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 from functools import partial

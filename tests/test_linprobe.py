@@ -36,8 +36,8 @@ def probe_args(setup, output_dir, *extra):
 
 
 def test_cached_features_give_the_same_probe_and_beat_chance(tmp_path, setup):
-    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no_train_aug")))
-    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no_train_aug",
+    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no-train_aug")))
+    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no-train_aug",
                                                                 "--cache_features")))
     assert uncached["acc1"] == cached["acc1"]
     assert cached["acc1"] >= 45.0  # 4 classes: chance is 25 % (this random backbone reaches ~58 %)
