@@ -86,7 +86,7 @@ def get_args_parser():
     add_perf_args(parser, ("amp", "channels_last"))
     # float32 by default: bf16 autocast cost ~2 dB of val PSNR at equal steps in the demo (code assignment
     # is sensitive to the precision of z) and was only ~1.3x faster on a CPU without AMX.
-    parser.set_defaults(num_workers=2, log_dir=None, amp="none")
+    parser.set_defaults(num_workers=2, amp="none")
     return parser
 
 
@@ -134,8 +134,6 @@ def resume_training_state(args, state):
 def main(args):
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
-    if args.log_dir is None:
-        args.log_dir = args.output_dir
     setup_run(args)
 
     settings = load_vqgan_config(args.vqgan_config)

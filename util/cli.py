@@ -32,7 +32,8 @@ def add_checkpoint_args(parser, save_every):
     """Output, tensorboard and resume flags."""
     group = parser.add_argument_group("checkpoints and logs")
     group.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
-    group.add_argument("--log_dir", default="./output_dir", help="tensorboard folder ('' for none)")
+    group.add_argument("--log_dir", default=None,
+                       help="tensorboard folder (default: --output_dir; '' for no tensorboard events)")
     group.add_argument("--save_every", default=save_every, type=int,
                        help="also keep checkpoint-N.pth every this many epochs (checkpoint-last.pth is every epoch)")
     group.add_argument("--resume", default="", help="checkpoint file, or an output folder (its checkpoint-last.pth)")
