@@ -20,14 +20,10 @@ result dict built from theirs. A stage whose OUTPUT_DIR/<stage>/stage.json recor
 skipped; a stage that was interrupted continues where it stopped (the scripts' --auto_resume, written images
 are kept). Ends with a summary table, OUTPUT_DIR/summary.json and pictures in OUTPUT_DIR/pictures/.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
+import argparse
 import os
-
-# Small tensors on a CPU: GNU OpenMP's default spin-wait made a pre-training step 10-100x slower whenever other
-# processes kept the cores busy, and OMP_WAIT_POLICY=PASSIVE made it 1.6x slower on an idle machine. A short
-# spin is as fast as the default when idle and as robust as passive waiting under load (README, "Speed").
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402  (the OpenMP setting must precede the torch import)
 import copy
 import glob
 import json
@@ -291,7 +287,7 @@ def stage_probe(ctx, folder):
     result = run_main(main_linprobe, [
         "--model", "vit_demo", "--vqgan_config", ctx.file("tokenizer", "tokenizer_config"),
         "--input_size", ctx.resolution, "--finetune", ctx.file("pretrain", "checkpoint"), "--global_pool",
-        "--nb_classes", num_classes, "--data_path", ctx.path("data"), "--cache_features", "--no_train_aug",
+        "--nb_classes", num_classes, "--data_path", ctx.path("data"), "--cache_features", "--no-train_aug",
         "--batch_size", preset["batch_size"], "--epochs", preset["epochs"], "--blr", preset["blr"],
         "--warmup_epochs", preset["warmup_epochs"], "--output_dir", os.path.join(folder, "linprobe"),
         "--log_dir", "", "--save_every", 0, "--auto_resume", "--device", ctx.device,

@@ -15,6 +15,8 @@ other tokens are kept, so the rest of the image comes back through the tokenizer
 Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (input | masked | result rows,
 for the first 16 images).
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 
@@ -59,7 +61,7 @@ def get_args_parser():
     sampling.add_argument("--num_iter", default=12, type=int)
     sampling.add_argument("--batch_size", default=8, type=int)
     sampling.add_argument("--output_dir", default="output_dir/edit")
-    add_runtime_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 

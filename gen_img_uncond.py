@@ -11,6 +11,8 @@ are dealt out to the ranks, so any number of processes writes the same files for
 size, thread count and device kind. Another batch size or thread count may change some images (matmul kernels
 block the work differently, low bits move and near-tied tokens flip). A rerun skips written images.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import hashlib
 import json
@@ -31,7 +33,7 @@ from util.cli import add_runtime_args, run_script
 from util.distributed import barrier, cleanup_distributed, get_rank, get_world_size, is_main_process
 from util.errors import UsageError
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
-from util.perf import add_perf_args, apply_perf_settings, tokenizer_dtype
+from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import autocast
 from util.run import setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
@@ -49,7 +51,7 @@ def add_model_args(parser):
     model.add_argument("--vqgan_config", default=None, help="tokenizer config (default: the model preset's)")
     model.add_argument("--vqgan_ckpt", default=None,
                        help="tokenizer weights; when given they replace any vqgan.* weights in --ckpt")
-    add_perf_args(parser)
+    add_perf_args(parser, INFERENCE_FLAGS)
     return model
 
 
@@ -72,7 +74,7 @@ def get_args_parser():
     evaluation.add_argument("--fid_batch_size", default=64, type=int)
     evaluation.add_argument("--fid_feature_extractor", default=INCEPTION, choices=(INCEPTION, PIXEL_STATS),
                             help=f"{PIXEL_STATS} is a tiny offline stand-in for smoke tests, not a real FID")
-    add_runtime_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 
@@ -104,7 +106,7 @@ def settings_of(args, model):
     return {"model": args.model, "ckpt": os.path.basename(args.ckpt) if args.ckpt else "random_init",
             "weights_sha256": weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
             "seed": args.seed, "amp": args.amp, "device_type": args.device.type,
-            "fused_attn": args.fused_attn, "tokenizer_dtype": str(tokenizer_dtype(args, args.device)),
+            "fused_attn": args.fused_attn, "tokenizer_dtype": args.tokenizer_dtype,
             "channels_last": args.channels_last}
 
 

@@ -7,6 +7,8 @@ Each view is the pre-training augmentation (RandomResizedCrop(scale 0.2-1) + hor
 (seed, view, image index), so the cache does not depend on the number of processes. Shards are uint16.
 With --views flips the views are the whole image (Resize + CenterCrop) and its flips instead (demo.py).
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 
@@ -20,7 +22,8 @@ from util.cli import add_runtime_args, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform
 from util.distributed import barrier, is_main_process
 from util.errors import UsageError
-from util.perf import add_perf_args, tokenizer_dtype
+from util.perf import TOKENIZER_FLAGS, add_perf_args, configure_tokenizer
+from util.precision import autocast
 from util.run import setup_run
 from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
@@ -46,7 +49,7 @@ def get_args_parser():
     group.add_argument("--vqgan_ckpt", default=None, help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt")
     group.add_argument("--skip_bad_images", action="store_true")
     add_runtime_args(parser)
-    add_perf_args(parser)
+    add_perf_args(parser, TOKENIZER_FLAGS)
     return parser
 
 
@@ -82,13 +85,13 @@ def tokenize_views(args, vqgan, dataset, rows, seq_len):
     for view in range(args.num_views):
         dataset.set_epoch(view)  # the seeded augmentation of view `view`
         loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                             shuffle=False)
+                                             shuffle=False, pin_memory=args.pin_mem and args.device.type == "cuda")
         start = 0
         for images, _ in loader:
             images = images.to(args.device, non_blocking=True)
             if args.views == "flips" and FLIPS[view]:
                 images = images.flip(FLIPS[view])
-            with torch.no_grad():
+            with torch.no_grad(), autocast(args.device, args.amp):  # used by --tokenizer_dtype autocast
                 _, _, (_, _, indices) = vqgan.encode(images)
             indices = indices.reshape(images.shape[0], -1).cpu().numpy().astype(np.uint16)
             tokens[start:start + len(indices), view] = indices
@@ -109,7 +112,7 @@ def main(args):
     vqgan, vqgan_settings = build_vqgan(args.vqgan_config, args.vqgan_ckpt)
     if vqgan_settings["n_embed"] > 2 ** 16:
         raise UsageError(f"codebook of {vqgan_settings['n_embed']} entries does not fit uint16 token ids")
-    vqgan.to(args.device).set_inference_mode(tokenizer_dtype(args, args.device), channels_last=args.channels_last)
+    configure_tokenizer(vqgan.to(args.device), args)
     dataset = SeededImageFolder(check_split(args.data_path, "train"), view_transform(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
     settings = cache_settings(args, vqgan_settings, len(dataset))

@@ -1,4 +1,6 @@
 """MAGE pre-training: masked token modelling over a frozen VQGAN tokenizer, under torchrun DDP or alone."""
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 
 import torch

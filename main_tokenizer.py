@@ -6,6 +6,8 @@
 Writes output_dir/tokenizer.ckpt ({'state_dict': ...}, the key format of vqgan_jax_strongaug.ckpt) and
 output_dir/tokenizer.yaml; pass them to any MAGE script as --vqgan_ckpt / --vqgan_config.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import datetime
 import os
@@ -25,6 +27,7 @@ from util.datasets import build_image_folder, build_loader, set_epoch
 from util.distributed import barrier, cleanup_distributed, get_world_size, is_main_process, wrap_ddp
 from util.errors import CheckpointError, UsageError
 from util.metrics import append_log, epoch_history, make_log_writer
+from util.perf import add_perf_args
 from util.precision import NativeScalerWithGradNormCount
 from util.run import setup_run
 
@@ -40,7 +43,6 @@ def get_args_parser():
                        help="YAML shaped like config/vqgan.yaml: ddconfig (resolution, ch, ch_mult, ...), n_embed, "
                             "embed_dim")
     group.add_argument("--init_ckpt", default="", help="start from this tokenizer file (e.g. to fine-tune the release)")
-    group.add_argument("--channels_last", action="store_true", help="channels_last memory format")
 
     group = parser.add_argument_group("losses")
     group.add_argument("--codebook_weight", default=1.0, type=float, help="weight of codebook + 0.25 * commitment")
@@ -55,9 +57,8 @@ def get_args_parser():
     group.add_argument("--perceptual_weight", default=1.0, type=float)
 
     group = parser.add_argument_group("codebook")
-    group.add_argument("--restart_dead_codes", action="store_true", default=True,
-                       help="re-initialise unused codes from recent encoder outputs (default on)")
-    group.add_argument("--no_restart_dead_codes", action="store_false", dest="restart_dead_codes")
+    group.add_argument("--restart_dead_codes", action=argparse.BooleanOptionalAction, default=True,
+                       help="re-initialise unused codes from recent encoder outputs")
     group.add_argument("--dead_code_steps", default=100, type=int, help="a code unused this many steps is dead")
     group.add_argument("--restart_every", default=25, type=int,
                        help="check for dead codes (and log usage/perplexity) every this many steps")
@@ -82,9 +83,10 @@ def get_args_parser():
 
     add_runtime_args(parser)
     add_checkpoint_args(parser, save_every=0)
+    add_perf_args(parser, ("amp", "channels_last"))
     # float32 by default: bf16 autocast cost ~2 dB of val PSNR at equal steps in the demo (code assignment
     # is sensitive to the precision of z) and was only ~1.3x faster on a CPU without AMX.
-    parser.set_defaults(num_workers=2, log_dir=None, amp="none")
+    parser.set_defaults(num_workers=2, amp="none")
     return parser
 
 
@@ -141,8 +143,6 @@ def main(args):
     """
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
-    if args.log_dir is None:
-        args.log_dir = args.output_dir
     setup_run(args)
 
     settings = load_vqgan_config(args.vqgan_config)

@@ -6,6 +6,8 @@ Reads DATA_PATH/val (any ImageFolder split) and writes OUTPUT_DIR/00000.png ... 
 so the folder can be given to torch-fidelity as is. PNG matters: JPEG references give a worse FID (13.7 vs
 11.1 for ViT-B). A rerun skips files already written (writes are atomic), so an interrupted run can resume.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 from functools import partial

@@ -122,13 +122,13 @@ def test_reference_normalisation_is_undone_before_the_tokenizer(image_folder):
     path = os.path.join(image_folder, "val", "class_0_ellipse", "0000.png")
     dataset = datasets.SeededImageFolder(os.path.dirname(os.path.dirname(path)), None)
     image = dataset.load_image(0)[0]
-    args = argparse.Namespace(no_normalize=False, interpolation="bicubic")
+    args = argparse.Namespace(normalize=True, interpolation="bicubic")
     mean, std = datasets.finetune_mean_std(args)
     normalised = datasets.eval_transform(32, "bicubic", mean, std)(image)
     pixels = datasets.eval_transform(32, "bicubic")(image)
     assert normalised.min() < 0
     torch.testing.assert_close(main_finetune.pixel_fn(args)(normalised[None].clone())[0], pixels)
-    assert main_finetune.pixel_fn(argparse.Namespace(no_normalize=True)) is None
+    assert main_finetune.pixel_fn(argparse.Namespace(normalize=False)) is None
 
 
 def test_impossible_flags_are_usage_errors(tmp_path, image_folder, tokenizer_config, mage_checkpoint):

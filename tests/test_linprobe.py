@@ -37,8 +37,8 @@ def probe_args(setup, output_dir, *extra):
 
 @pytest.mark.slow
 def test_cached_features_give_the_same_probe_and_beat_chance(tmp_path, setup):
-    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no_train_aug")))
-    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no_train_aug",
+    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no-train_aug")))
+    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no-train_aug",
                                                                 "--cache_features")))
     # the training features come from other batches (shuffled vs in order), so their low bits may differ:
     # at most one of the 64 validation images may change its prediction

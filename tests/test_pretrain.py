@@ -91,6 +91,20 @@ def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_co
     assert max((a - b).abs().max().item() for a, b in zip(moments_single, moments_ddp)) < 1e-6  # = 0.1 * grad
 
 
+def test_tensorboard_events_go_to_the_output_dir(tmp_path, shapes, tokenizer_config, monkeypatch):
+    """Without --log_dir the events land in --output_dir (as in the reference), not in ./output_dir."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8, "--epochs", 1, "--vis_every", 0)
+    del argv[argv.index("--log_dir"):argv.index("--log_dir") + 2]
+    main_pretrain.main(parse(main_pretrain, argv))
+    events = glob.glob(str(out / "events.out.tfevents.*"))
+    assert len(events) == 1 and not (tmp_path / "output_dir").exists()
+    accumulator = EventAccumulator(events[0])
+    accumulator.Reload()
+    assert len(accumulator.Scalars("train_loss")) == 4  # 32 images / 8 per step
+
+
 @pytest.mark.slow
 def test_resume_and_auto_resume_continue_exactly(tmp_path, shapes, tokenizer_config):
     """2 epochs straight == epoch 0, a restart from its checkpoint, then epoch 1 (dropout and crops included)."""

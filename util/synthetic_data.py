@@ -9,6 +9,8 @@ can be regenerated alone.
     python -m util.synthetic_data --output_dir data/shapes            # 8 classes, 32x32, 500/60 per class
     python -m util.synthetic_data --output_dir data/shapes --baseline # also fit the raw-pixel linear probe
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import glob
 import json
