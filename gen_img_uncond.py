@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import models_mage
 from util import misc
-from util.checkpoint import extract_model_state, load_checkpoint, load_state_dict_checked
+from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint, load_mage_weights
 from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args, tokenizer_dtype
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
 from util.sampling import decode_tokens, image_generators, iterative_decode
@@ -106,25 +106,31 @@ def run_folder(args):
     return os.path.join(args.output_dir, name)
 
 
-def build_model(args):
-    """The generator with its weights; every checkpoint problem raises CheckpointError here, before any work."""
+def build_model(args, class_cond=None):
+    """The generator with its weights; every checkpoint problem raises CheckpointError here, before any work.
+
+    class_cond None: class-conditional exactly when the checkpoint has a class embedding (an unconditional run
+    of such a model uses its "no class" token); True: the checkpoint must have one (or --num_classes with
+    --random_init)."""
     state_dict = None
     if args.ckpt:
         state_dict = extract_model_state(load_checkpoint(args.ckpt), source=args.ckpt)
+        class_weights = state_dict.get("class_emb.weight")
+        if class_cond and class_weights is None:
+            raise CheckpointError(f"{args.ckpt} is an unconditional MAGE (no class_emb.weight): fine-tune it with "
+                                  f"main_pretrain.py --class_cond --finetune {args.ckpt}, or use gen_img_uncond.py")
+        num_classes = 0 if class_weights is None else class_weights.shape[0]
     else:
         torch.manual_seed(args.seed)  # identical random weights on every rank
+        num_classes = getattr(args, "num_classes", 0) if class_cond else 0
     kwargs = {"vqgan_ckpt_path": args.vqgan_ckpt}
     if args.vqgan_config:
         kwargs["vqgan_config"] = args.vqgan_config
+    if num_classes:
+        kwargs.update(class_cond=True, num_classes=num_classes)
     model = models_mage.MODELS[args.model](**kwargs)
     if state_dict is not None:
-        allowed_missing = ()
-        if args.vqgan_ckpt:
-            print(f"tokenizer weights from {args.vqgan_ckpt}; ignoring vqgan.* in {args.ckpt}")
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vqgan.")}
-            allowed_missing = ("vqgan.",)
-        load_state_dict_checked(model, state_dict, source=args.ckpt, allowed_missing=allowed_missing,
-                                ignore_foreign_modules=True)
+        load_mage_weights(model, state_dict, source=args.ckpt, tokenizer_given=bool(args.vqgan_ckpt))
     return apply_perf_settings(model.to(args.device), args, args.device).eval()
 
 
