@@ -10,22 +10,15 @@ as is), OUTPUT_DIR/<settings>/grid.png, settings.json and metrics.json. Image k 
 are dealt out to the ranks, so any number of processes writes the same files. A rerun skips written images.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, read_image
-from torchvision.utils import make_grid
-from tqdm import tqdm
 
 import models_mage
-from util import misc
+from util import generation, misc
 from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint, load_mage_weights
 from util.perf import add_perf_args, apply_perf_settings, resolve_perf_args, tokenizer_dtype
-from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 GRID_IMAGES = 64
@@ -54,15 +47,7 @@ def get_args_parser():
     sampling.add_argument("--batch_size", default=32, type=int, help="images per forward pass per process")
     sampling.add_argument("--num_images", default=50000, type=int)
     sampling.add_argument("--output_dir", default="output_dir")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval_fid", action="store_true", help="compute FID and IS after generating")
-    evaluation.add_argument("--fid_ref", default="", help="folder of reference PNGs (prepare_imgnet_val.py)")
-    evaluation.add_argument("--fid_weights", default="", help="local torch-fidelity Inception weights file")
-    evaluation.add_argument("--fid_kid", action="store_true", help="also kernel inception distance")
-    evaluation.add_argument("--fid_prc", action="store_true", help="also precision / recall")
-    evaluation.add_argument("--fid_batch_size", default=64, type=int)
-    evaluation.add_argument("--fid_feature_extractor", default=INCEPTION, choices=(INCEPTION, PIXEL_STATS),
-                            help=f"{PIXEL_STATS} is a tiny offline stand-in for smoke tests, not a real FID")
+    generation.add_fid_args(parser)
     misc.add_runtime_args(parser)
     return parser
 
@@ -78,23 +63,13 @@ def check_args(args):
     for name in ("num_images", "batch_size", "num_iter"):
         if getattr(args, name) < 1:
             raise misc.UsageError(f"--{name} must be >= 1")
-    if args.eval_fid and not os.path.isdir(args.fid_ref):
-        raise misc.UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
-
-
-def weights_fingerprint(model):
-    """sha256 of every tensor of the model's state dict: tells checkpoints with the same file name apart."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    generation.check_fid_args(args)
 
 
 def settings_of(args, model):
     """Everything that changes the images; stored in settings.json and checked on every rerun."""
     return {"model": args.model, "ckpt": os.path.basename(args.ckpt) if args.ckpt else "random_init",
-            "weights_sha256": weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
+            "weights_sha256": generation.weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
             "seed": args.seed, "amp": args.amp, "device_type": args.device.type,
             "fused_attn": args.fused_attn, "tokenizer_dtype": str(tokenizer_dtype(args, args.device)),
             "channels_last": args.channels_last}
@@ -134,48 +109,8 @@ def build_model(args, class_cond=None):
     return apply_perf_settings(model.to(args.device), args, args.device).eval()
 
 
-def prepare_folder(folder, settings):
-    """Create the run folder, or check that an existing one was written with the same settings (rank 0)."""
-    image_dir = os.path.join(folder, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    settings_path = os.path.join(folder, "settings.json")
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            previous = json.load(f)
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise misc.UsageError(f"'{folder}' holds images made with other settings ({', '.join(changed)} "
-                                  f"differ); choose another --output_dir")
-    else:
-        write_atomic(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
-    for name in os.listdir(image_dir):  # partial files of a killed run
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(image_dir, name))
-
-
-def write_atomic(path, write):
-    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp_path, "wb") as f:
-        write(f)
-    os.replace(tmp_path, path)
-
-
 def image_path(image_dir, index):
     return os.path.join(image_dir, f"{index:05d}.png")
-
-
-def is_done(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0
-
-
-def batches_to_do(args, image_dir):
-    """Fixed chunks of batch_size image indices that still miss a file, dealt out round-robin to the ranks."""
-    todo = []
-    for start in range(0, args.num_images, args.batch_size):
-        indices = list(range(start, min(start + args.batch_size, args.num_images)))
-        if not all(is_done(image_path(image_dir, k)) for k in indices):
-            todo.append(indices)
-    return todo[misc.get_rank()::misc.get_world_size()]
 
 
 def generate_batch(model, indices, args):
@@ -184,61 +119,26 @@ def generate_batch(model, indices, args):
     generators = image_generators(args.seed, indices, args.device)
     with misc.autocast(args.device, args.amp):
         ids = iterative_decode(model, ids, num_iter=args.num_iter, temperature=args.temp, generator=generators)
-    images = decode_tokens(model, ids)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def save_png(array, path):
-    write_atomic(path, lambda f: Image.fromarray(array.numpy()).save(f, format="PNG"))
-
-
-def save_grid(image_dir, num_images, path):
-    count = min(GRID_IMAGES, num_images)
-    images = [read_image(image_path(image_dir, k), mode=ImageReadMode.RGB) for k in range(count)]
-    grid = make_grid(torch.stack(images), nrow=math.ceil(math.sqrt(count)), padding=2)
-    save_png(grid.permute(1, 2, 0).contiguous(), path)
-
-
-def evaluate(args, image_dir, folder, settings):
-    metrics = compute_metrics(image_dir, args.fid_ref, device=args.device, isc=True, fid=True, kid=args.fid_kid,
-                              prc=args.fid_prc, weights_path=args.fid_weights or None,
-                              feature_extractor=args.fid_feature_extractor, batch_size=args.fid_batch_size)
-    report = {"metrics": metrics, "num_images": args.num_images, "fid_ref": os.path.abspath(args.fid_ref),
-              "feature_extractor": args.fid_feature_extractor, "settings": settings}
-    write_atomic(os.path.join(folder, "metrics.json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
-    print(json.dumps(metrics, indent=2))
+    return generation.to_uint8(decode_tokens(model, ids))
 
 
 def main(args):
     check_args(args)
     misc.init_distributed_mode(args)
-    if args.eval_fid and args.fid_feature_extractor == INCEPTION and misc.is_main_process():
-        resolve_inception_weights(args.fid_weights or None)  # fail now rather than after generating
+    generation.check_fid_weights(args)
     model = build_model(args)
     folder = run_folder(args)
     image_dir = os.path.join(folder, "images")
     settings = settings_of(args, model) if misc.is_main_process() else None
+    generation.generate_missing(folder, settings, args.num_images, args.batch_size,
+                                lambda k: image_path(image_dir, k), lambda ks: generate_batch(model, ks, args))
     if misc.is_main_process():
-        prepare_folder(folder, settings)
-    misc.barrier()
-    batches = batches_to_do(args, image_dir)
-    misc.barrier()  # every rank has listed the missing images before any rank writes
-    total = sum(len(b) for b in batches)
-    print(f"{folder}: {args.num_images} images, {total} to generate on rank 0 of {misc.get_world_size()}")
-    with tqdm(total=total, unit="img", disable=not misc.is_main_process()) as progress:
-        for indices in batches:
-            images = generate_batch(model, indices, args)
-            for index, array in zip(indices, images):
-                path = image_path(image_dir, index)
-                if not is_done(path):
-                    save_png(array, path)
-            progress.update(len(indices))
-    misc.barrier()
-    if misc.is_main_process():
-        save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
+        count = min(GRID_IMAGES, args.num_images)
+        generation.save_grid([image_path(image_dir, k) for k in range(count)], os.path.join(folder, "grid.png"),
+                             nrow=math.ceil(math.sqrt(count)))
         print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
         if args.eval_fid:
-            evaluate(args, image_dir, folder, settings)
+            generation.evaluate_fid(args, image_dir, folder, {"num_images": args.num_images, "settings": settings})
     misc.barrier()
     misc.cleanup_distributed()
 

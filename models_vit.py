@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models_mage import NUM_UNUSED_CLASS_LABELS, BertEmbeddings, MageAttention
 from taming.models.vqgan import build_vqgan, token_grid_size
-from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint
+from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint, load_state_dict_checked
 from util.pos_embed import interpolate_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -138,3 +138,17 @@ def load_mage_checkpoint_into_classifier(model, checkpoint, source=None):
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
         raise CheckpointError(f"{source} is not a MAGE checkpoint for {type(model).__name__}: missing keys: {shown}")
     return model.load_state_dict(state_dict, strict=False)
+
+
+def load_finetuned_classifier(path):
+    """A classifier fine-tuned (or linear-probed) by main_finetune.py, rebuilt from its checkpoint: the weights
+    and the training args it stores. Returns (model, those args) with the weights loaded strictly."""
+    checkpoint = load_checkpoint(path)
+    train_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if train_args is None or not hasattr(train_args, "nb_classes") or train_args.model not in MODELS:
+        raise CheckpointError(f"'{path}' is not a main_finetune.py checkpoint (it needs 'model' weights and the "
+                              f"'args' of a vit_* classifier)")
+    kwargs = {"vqgan_config": train_args.vqgan_config} if train_args.vqgan_config else {}
+    model = MODELS[train_args.model](num_classes=train_args.nb_classes, global_pool=train_args.global_pool, **kwargs)
+    load_state_dict_checked(model, extract_model_state(checkpoint, path), source=path)
+    return model, train_args

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, write_image_folder
-from gen_img_uncond import build_model, check_args, get_args_parser, prepare_folder
+from gen_img_uncond import build_model, check_args, get_args_parser
 from models_mage import mage_vit_tiny_patch16
 from util.checkpoint import CheckpointError
+from util.generation import prepare_folder
 from util.misc import UsageError
 
 NUM_IMAGES = 8
