@@ -4,15 +4,14 @@ import argparse
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT, write_image_folder
+from train_support import kill_when_written
 from gen_img_uncond import build_model, check_args, get_args_parser
 from models_mage import mage_vit_tiny_patch16
 from util.checkpoint import CheckpointError
@@ -93,16 +92,8 @@ def test_same_files_for_other_batch_size_and_two_processes(ckpt, reference_run, 
 
 def test_killed_run_resumes_to_the_same_files(ckpt, reference_run, tmp_path):
     args = ["--ckpt", ckpt, "--batch_size", "1", "--output_dir", str(tmp_path)]
-    command = [sys.executable, "gen_img_uncond.py", *COMMON, *args]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     pattern = os.path.join(tmp_path, RUN_NAME, "images", "*.png")
-    deadline = time.time() + 120
-    while len(glob.glob(pattern)) < 2 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(glob.glob(pattern))
+    written = kill_when_written("gen_img_uncond.py", [*COMMON, *args], pattern, 2)
     assert 2 <= written < NUM_IMAGES, f"{written} images when killed"
     generate(args)
     assert image_bytes(tmp_path) == image_bytes(reference_run[0])

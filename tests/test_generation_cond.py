@@ -3,19 +3,15 @@ of processes, resume after a kill, and --eval_classifier agreeing with main_fine
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import main_finetune
 import models_vit
-from conftest import REPO_ROOT
 from gen_img_cond import check_args, get_args_parser
 from models_mage import mage_vit_tiny_patch16
+from train_support import kill_when_written, run_script, run_torchrun
 from util import misc
 from util.checkpoint import CheckpointError
 
@@ -48,13 +44,12 @@ def classifier(tmp_path_factory):
     return str(path)
 
 
-def environment():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def generate(args, launcher=(sys.executable,), check=True):
-    command = [*launcher, "gen_img_cond.py", *COMMON, *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+def generate(args, processes=1, check=True):
+    """gen_img_cond.py in fresh processes with one thread each (alone, or under torchrun)."""
+    if processes == 1:
+        result = run_script("gen_img_cond.py", [*COMMON, *args], timeout=300)
+    else:
+        result = run_torchrun("gen_img_cond.py", [*COMMON, *args], nproc=processes, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -93,8 +88,7 @@ def test_same_files_for_other_batches_class_subsets_and_two_processes(ckpt, refe
     expected = image_bytes(reference_run)
     generate(["--ckpt", ckpt, "--batch_size", "4", "--output_dir", str(tmp_path / "batch4")])
     generate(["--ckpt", ckpt, "--batch_size", "3", "--class_ids", "2", "0", "--output_dir", str(tmp_path / "subset")])
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path / "ranks2")], launcher=torchrun)
+    generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path / "ranks2")], processes=2)
     assert image_bytes(tmp_path / "batch4") == expected
     assert image_bytes(tmp_path / "ranks2") == expected
     assert image_bytes(tmp_path / "subset") == {k: v for k, v in expected.items() if not k.startswith("0001/")}
@@ -104,15 +98,8 @@ def test_same_files_for_other_batches_class_subsets_and_two_processes(ckpt, refe
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_files(ckpt, reference_run, tmp_path):
     args = ["--ckpt", ckpt, "--batch_size", "1", "--output_dir", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, "gen_img_cond.py", *COMMON, *args], cwd=REPO_ROOT,
-                               env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = os.path.join(tmp_path, RUN_NAME, "images", "*", "*.png")
-    deadline = time.time() + 120
-    while len(glob.glob(pattern)) < 2 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(glob.glob(pattern))
+    written = kill_when_written("gen_img_cond.py", [*COMMON, *args], pattern, 2)
     assert 2 <= written < len(FILES), f"{written} images when killed"
     result = generate(args)
     assert f"{len(FILES) - written} to generate" in result.stdout or written == len(FILES)

@@ -1,8 +1,11 @@
 """Helpers for the training-pipeline tests: a 32-pixel tokenizer config, texture data, script runners."""
+import glob
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -86,6 +89,20 @@ def run_script(script, argv, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when_written(script, argv, pattern, count, timeout=120):
+    """Start `python script argv` (one thread), SIGKILL it as soon as `count` files match the glob `pattern`
+    (or when it ends first). Returns the number of matching files after the kill."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while len(glob.glob(pattern)) < count and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(glob.glob(pattern))
 
 
 def model_state(path):
