@@ -51,6 +51,9 @@ def get_args_parser():
     evaluation.add_argument("--eval_classifier", default="",
                             help="a fine-tuned classifier (main_finetune.py checkpoint) labels the samples: overall "
                                  "and per-class accuracy go to metrics.json")
+    evaluation.add_argument("--classifier_model", default=None, choices=sorted(models_vit.MODELS),
+                            help="the preset of an --eval_classifier checkpoint without training args (the "
+                                 "released fine-tuned ViTs: vit_base_patch16 / vit_large_patch16)")
     evaluation.add_argument("--classifier_batch_size", default=64, type=int)
     misc.add_runtime_args(parser)
     return parser
@@ -119,8 +122,9 @@ def generate_batch(model, pairs, args):
 @torch.no_grad()
 def classify(args, paths):
     """Predicted classes (N,) of the PNGs by the --eval_classifier checkpoint, evaluated as main_finetune.py
-    --eval does: its eval transform (resize, center crop, normalisation), back to pixels, autocast --amp."""
-    model, train_args = models_vit.load_finetuned_classifier(args.eval_classifier)
+    --eval does: its eval transform (resize, center crop, normalisation), back to pixels, autocast --amp.
+    Runs on rank 0 alone."""
+    model, train_args = models_vit.load_finetuned_classifier(args.eval_classifier, args.classifier_model)
     model.to(args.device).eval()
     mean, std = data.finetune_mean_std(train_args)
     transform = data.eval_transform(train_args.input_size, train_args.interpolation, mean, std)

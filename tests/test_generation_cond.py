@@ -139,3 +139,13 @@ def test_flags_are_checked_before_any_work(ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(CheckpointError, match="not a main_finetune.py checkpoint"):
         models_vit.load_finetuned_classifier(ckpt)
+
+
+def test_released_classifier_format_is_read_with_its_preset(classifier, tmp_path):
+    state = torch.load(classifier, weights_only=False)["model"]
+    torch.save({"model": state}, tmp_path / "released.pth")  # the released fine-tuned ViTs hold only weights
+    with pytest.raises(CheckpointError, match="name its preset"):
+        models_vit.load_finetuned_classifier(str(tmp_path / "released.pth"))
+    model, args = models_vit.load_finetuned_classifier(str(tmp_path / "released.pth"), "vit_tiny_patch16")
+    assert (args.nb_classes, args.global_pool, args.input_size, args.no_normalize) == (NUM_CLASSES, True, 256, False)
+    assert torch.equal(model.head.weight, state["head.weight"])
