@@ -1,6 +1,7 @@
 """Class-conditional MAGE: the released layout is untouched, the "no class" token is the unconditional model,
 classifier-free guidance in the one sampler, label dropout in pre-training (DDP, resume, --finetune)."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 import main_pretrain
 from conftest import DATA_DIR, write_image_folder
-from engine_pretrain import global_label_drop
+from engine_pretrain import conditioning_labels, global_label_drop
 from models_mage import NO_CLASS, mage_vit_tiny_patch16
 from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun,
                            write_tokenizer_config)
@@ -193,6 +194,15 @@ def test_label_drop_rate_and_global_batch_rows(monkeypatch):
         monkeypatch.setattr(misc, "get_rank", lambda rank=rank: rank)
         ranks.append(global_label_drop(4, "cpu", 3, 1, 2, 0.5))
     assert torch.equal(torch.stack(ranks, dim=1).flatten(), single)
+
+
+def test_training_sees_the_dropped_labels_as_no_class():
+    model, labels = SimpleNamespace(NO_CLASS=NO_CLASS), torch.arange(64) % 8
+    args = SimpleNamespace(class_cond=True, seed=0, label_drop_prob=0.5)
+    seen = conditioning_labels(model, labels, 64, "cpu", 2, 3, args)
+    drop = global_label_drop(64, "cpu", 0, 2, 3, 0.5)
+    assert 0 < drop.sum() < 64 and torch.equal(seen, labels.masked_fill(drop, NO_CLASS))
+    assert conditioning_labels(model, labels, 64, "cpu", 2, 3, SimpleNamespace(class_cond=False)) is None
 
 
 # --------------------------------------------------------------------------------------------------------
