@@ -6,22 +6,20 @@ import math
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import gen_img_uncond
-from conftest import REPO_ROOT, draw_shape_image
-from gen_img_uncond import build_model, check_args, get_args_parser, prepare_folder
+from conftest import draw_shape_image
+from gen_img_uncond import build_model, check_args, get_args_parser
+from train_support import kill_when_written
 from models_mage import mage_vit_tiny_patch16
-from train_support import run_torchrun, script_env
+from train_support import run_torchrun
 from util.checkpoint import CheckpointError
 from util.errors import UsageError
 from util.fid import PIXEL_STATS, FidWeightsError, compute_metrics
+from util.generation import prepare_folder
 
 NUM_IMAGES = 8
 COMMON = ["--model", "mage_vit_tiny_patch16", "--num_images", str(NUM_IMAGES), "--num_iter", "3",
@@ -103,17 +101,9 @@ def test_same_files_for_two_processes(ckpt, reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_files(ckpt, reference_run, tmp_path):
-    args = ["--ckpt", ckpt, "--batch_size", 2, "--output_dir", tmp_path]
-    command = [sys.executable, "gen_img_uncond.py", *COMMON, *map(str, args)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    args = ["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path)]  # the reference run's batch size
     pattern = os.path.join(tmp_path, RUN_NAME, "images", "*.png")
-    deadline = time.time() + 120
-    while len(glob.glob(pattern)) < 2 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(glob.glob(pattern))
+    written = kill_when_written("gen_img_uncond.py", [*COMMON, *args], pattern, 2)
     assert 2 <= written < NUM_IMAGES, f"{written} images when killed"
     generate(*args)
     assert image_bytes(tmp_path) == image_bytes(reference_run[0])

@@ -1,9 +1,11 @@
 """Helpers for the tests: a 32-pixel tokenizer config, texture data, and the one way to run a script or torchrun."""
+import glob
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +120,19 @@ def run_torchrun(script, argv, nproc=2, timeout=300, check=True, env=None, cwd=R
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO_ROOT, script), *argv]
     return run_command(command, timeout, check, env, cwd)
+
+
+def kill_when_written(script, argv, pattern, count, timeout=120):
+    """Start `python script argv` (one thread), SIGKILL it as soon as `count` files match the glob `pattern`
+    (or when it ends first). Returns the number of matching files after the kill."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
+                               env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while len(glob.glob(pattern)) < count and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(glob.glob(pattern))
 
 
 def model_state(path):
