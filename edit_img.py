@@ -15,6 +15,8 @@ other tokens are kept, so the rest of the image comes back through the tokenizer
 Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (input | masked | result rows,
 for the first 16 images).
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 
@@ -25,11 +27,12 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 from torchvision.utils import make_grid, save_image
 
-from gen_img_uncond import add_model_args, build_model, check_model_args, check_sampling_args
+from gen_img_uncond import add_model_args, build_model, check_model_args
 from util.checkpoint import write_atomic
 from util.cli import add_runtime_args, run_script
 from util.distributed import cleanup_distributed
 from util.errors import UsageError
+from util.generation import check_sampling_args
 from util.images import image_size, open_grey, open_rgb
 from util.output_dir import open_output_dir
 from util.precision import autocast
@@ -52,15 +55,16 @@ def get_args_parser():
     edit.add_argument("--mask_image", default="",
                       help="inpaint: mask file for all inputs, or a folder with a mask per input (same name); "
                            "white = regenerate")
-    edit.add_argument("--outpaint_pixels", type=int, default=None, help="outpaint: margin on every side")
-    edit.add_argument("--outpaint", nargs=4, type=int, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
-                      help="outpaint: margin per side, in pixels of the output canvas")
+    margins = edit.add_mutually_exclusive_group()  # both at once would contradict each other
+    margins.add_argument("--outpaint_pixels", type=int, default=None, help="outpaint: margin on every side")
+    margins.add_argument("--outpaint", nargs=4, type=int, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                         help="outpaint: margin per side, in pixels of the output canvas")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temp", default=4.5, type=float)
     sampling.add_argument("--num_iter", default=12, type=int)
     sampling.add_argument("--batch_size", default=8, type=int)
     sampling.add_argument("--output_dir", default="output_dir/edit")
-    add_runtime_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 
@@ -259,20 +263,26 @@ def save_png(image, path):
 
 @releases_output_dir
 def main(args):
+    """Edit every input; returns:
+        images      the written OUTPUT_DIR/<name>_<mode>.png, in input order
+        grid        OUTPUT_DIR/grid_<mode>.png (input | kept tokens | result rows, the first 16 images)
+        mode, output_dir   --mode and --output_dir
+    """
     setup_run(args, check_edit_args, create_output_dir=False)
     paths = list_images(args.input)
     model = build_model(args)
     resolution = model.grid_size * model.vqgan.downsample_factor
     check_regions(args, paths, resolution)
     open_output_dir(args)  # every usage check is done
-    rows = []
+    rows, written = [], []
     for start in range(0, len(paths), args.batch_size):
         batch_paths = paths[start:start + args.batch_size]
         indices = list(range(start, start + len(batch_paths)))
         canvases, views, results = edit_batch(model, args, batch_paths, indices, resolution)
         for path, canvas, view, result in zip(batch_paths, canvases, views, results):
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_png(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            written.append(os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            save_png(result, written[-1])
             if len(rows) < 3 * GRID_ROWS:
                 rows.extend([canvas, view, result])
         print(f"edited {start + len(batch_paths)}/{len(paths)}")
@@ -280,6 +290,7 @@ def main(args):
     save_png(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
     print(f"wrote {len(paths)} images and {grid_path}")
     cleanup_distributed()
+    return {"images": written, "grid": grid_path, "mode": args.mode, "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

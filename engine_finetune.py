@@ -3,20 +3,16 @@
 `input_fn` maps a loaded batch to what `model` takes: undoing the mean/std normalisation for fine-tuning,
 or frozen backbone features for the linear probe (where `model` is only the trained head).
 """
-import datetime
-import time
-
 import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
-from util.checkpoint import save_model
-from util.datasets import set_epoch
-from util.distributed import all_reduce_mean, cleanup_distributed, get_rank, no_sync_if, unwrap
+from util.checkpoint import checkpoint_path
+from util.distributed import all_reduce_mean, no_sync_if, unwrap
 from util.errors import check_finite
-from util.metrics import MetricLogger, SmoothedValue, make_log_writer
+from util.metrics import MetricLogger, SmoothedValue
 from util.precision import autocast
-from util.seeding import derive_seed, seed_everything
+from util.train_loop import fit
 
 PRINT_FREQ = 20
 
@@ -94,41 +90,54 @@ def evaluate(data_loader, model, device, args, input_fn=None):
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
-        mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
-    """Train for args.start_epoch..args.epochs: one epoch, a checkpoint, an evaluation, logs.
+def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
+                   mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
+    """Train for args.start_epoch..args.epochs with util.train_loop.fit, evaluating after every epoch.
 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
-    evaluated (default: the unwrapped model). Returns the last evaluation's statistics.
+    evaluated (default: the unwrapped model). Returns classifier_result(): the last evaluation (of the
+    loaded weights when a resumed run has no epoch left) and the per-epoch history.
     """
-    checkpoint_model = checkpoint_model or unwrap(model)
     eval_model = eval_model or unwrap(model)
-    log_writer = make_log_writer(args)
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    max_accuracy, test_stats = 0.0, {}
     num_val = len(loader_val.dataset)
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            set_epoch(loader_train, epoch)
-            seed_everything(derive_seed(args.seed, epoch, get_rank()))
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                          max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer,
-                                          args=args, input_fn=input_fn)
-            test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch}
-            # after the evaluation, so that the checkpoint holds the epoch's log line (util.checkpoint.save_epoch)
-            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler, log_stats=log_stats)
-            if log_writer is not None:
-                for key in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-                log_writer.flush()
-    finally:
+    max_accuracy = 0.0
+
+    def train_epoch(epoch, log_writer):
+        return train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                               max_norm=max_norm, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+                               input_fn=input_fn)
+
+    def evaluate_epoch(epoch, log_writer):
+        nonlocal max_accuracy
+        test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
         if log_writer is not None:
-            log_writer.close()
-        cleanup_distributed()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    return test_stats
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        return test_stats
+
+    final_stats = None
+    if args.start_epoch >= args.epochs:  # resumed after the last epoch: evaluate the loaded weights
+        final_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+    history, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer,
+                              loss_scaler, evaluate_epoch)
+    return classifier_result(args, final_stats or test_stats, history)
+
+
+def classifier_result(args, test_stats, history):
+    """The result of main_linprobe.py / main_finetune.py training (rank 0; other ranks: the same keys,
+    `history` holding only the epochs they ran):
+        acc1, acc5, loss    top-1 / top-5 accuracy (%) and cross-entropy of the final weights on the val split
+        max_acc1, max_acc5  the best of each over the epochs (and the final evaluation)
+        epochs              the --epochs the run trained to
+        history             per-epoch stats (log.txt's lines: train_loss, train_lr, ..., test_acc1, test_acc5,
+                            test_loss, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint          output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir          --output_dir
+    """
+    return {"acc1": test_stats["acc1"], "acc5": test_stats["acc5"], "loss": test_stats["loss"],
+            "max_acc1": max([test_stats["acc1"]] + [stats["test_acc1"] for stats in history]),
+            "max_acc5": max([test_stats["acc5"]] + [stats["test_acc5"] for stats in history]),
+            "epochs": args.epochs, "history": history, "checkpoint": checkpoint_path(args),
+            "output_dir": args.output_dir}

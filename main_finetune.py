@@ -2,8 +2,10 @@
 
 As in the reference, the training transform normalises by ImageNet mean/std (so random erasing and its noise
 work in that space) and the batch is mapped back to [0, 1] pixels right before the tokenizer, after Mixup.
---no_normalize skips both.
+--no-normalize skips both.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 
 import torch
@@ -14,7 +16,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.datasets as data
 import util.lr_decay as lrd
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
@@ -72,9 +74,9 @@ def get_args_parser():
     group.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     group.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
     group.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
-    group.add_argument("--no_normalize", action="store_true",
-                       help="no ImageNet mean/std normalisation in the transforms (the reference normalises, "
-                            "then maps back to [0, 1] before the tokenizer)")
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                       help="ImageNet mean/std normalisation in the transforms, mapped back to [0, 1] before the "
+                            "tokenizer (the reference); --no-normalize skips both")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with train/ and val/")
@@ -113,7 +115,7 @@ def check_args(args):
             data.finetune_train_transform(args)
         except (AssertionError, KeyError, ValueError) as err:
             raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
-                                  f"'none' turns it off") from None
+                         f"'none' turns it off") from None
 
 
 def build_model(args):
@@ -145,8 +147,8 @@ def build_criterion(args, mixup_fn):
 
 
 def pixel_fn(args):
-    """Maps a normalised batch back to the [0, 1] pixels the tokenizer takes (None with --no_normalize)."""
-    if args.no_normalize:
+    """Maps a normalised batch back to the [0, 1] pixels the tokenizer takes (None with --no-normalize)."""
+    if not args.normalize:
         return None
     mean, std = data.finetune_mean_std(args)
     return lambda images: data.denormalize(images, mean, std)
@@ -154,6 +156,8 @@ def pixel_fn(args):
 
 @releases_output_dir
 def main(args):
+    """Fine-tune; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = build_model(args)
@@ -195,8 +199,8 @@ def main(args):
         cleanup_distributed()
         return test_stats
 
-    return fit(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=input_fn,
-               mixup_fn=mixup_fn, max_norm=args.clip_grad)
+    return fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device,
+                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@ import os
 import random
 import sys
 
-import pytest
-import torch
-from PIL import Image, ImageDraw
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO_ROOT, "tests", "data")
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+import util.env_setup  # noqa: E402,F401  (GOMP_SPINCOUNT before torch, inherited by the scripts tests start)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
 
@@ -63,3 +64,22 @@ def one_torch_thread():
 def image_folder(tmp_path):
     """A 4-class ImageFolder (train 8/class, val 4/class, 64x64) in a temporary folder."""
     return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A randomly initialised torch-fidelity InceptionV3 state dict in a file (96 MB): the real extractor's names
+    and shapes, so the Inception path of FID runs offline (the numbers mean nothing)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random initialisation
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")
+    torch.manual_seed(0)
+    model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
+    path = folder / "random-inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)

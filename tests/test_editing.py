@@ -185,3 +185,11 @@ def test_mask_of_the_same_aspect_ratio_is_resized(tmp_path):
     mask = write_mask(tmp_path / "half.png", 32, 16, white=((0, 0, 16, 16),))  # left half, at half the size
     _, region = edit_img.prepare_canvas(parse("--mode", "inpaint", "--input", photo, "--mask_image", mask), photo, 32)
     assert 0.2 < region.float().mean().item() < 0.8
+
+
+def test_outpaint_pixels_and_per_side_margins_together_are_refused(tmp_path, capsys):
+    photo = write_image(tmp_path / "photo.png", 64, 64)
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--mode", "outpaint", "--input", photo, "--outpaint_pixels", "4", "--outpaint", "0", "0", "8", "0")
+    assert exit_info.value.code == 2
+    assert "--outpaint: not allowed with argument --outpaint_pixels" in capsys.readouterr().err

@@ -15,7 +15,8 @@ import torch
 
 import main_pretrain
 from conftest import REPO_ROOT, write_image_folder
-from train_support import max_abs_difference, parse, pretrain_args, write_tokenizer_config
+from train_support import (max_abs_difference, parse, pretrain_args, run_script, script_env,
+                           write_tokenizer_config)
 from util.checkpoint import (CHECKPOINT_LAST, KILL_HOOK, expected_checkpoint_size, load_checkpoint,
                              repair_run_files, save_checkpoint_atomic)
 from util.errors import DiskWriteError, TrainingError
@@ -55,9 +56,8 @@ def training_args(folder, **flags):
 
 
 def start_script(script, argv, **env):
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, **env)
     return subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
-                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_lock(folder, process, timeout=240):
@@ -178,10 +178,8 @@ def test_second_run_is_refused_rerun_needs_auto_resume_or_overwrite(tmp_path, sh
     wait_for_lock(out, first)
     first.send_signal(signal.SIGSTOP)  # hold the first run while it owns the folder
     try:
-        second = subprocess.run(
-            [sys.executable, "main_pretrain.py", *map(str, pretrain_args(shapes, out, tokenizer_config, "--batch_size",
-                                                                         8, "--epochs", 2, "--seed", 2))],
-            cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        second = run_script("main_pretrain.py", pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8,
+                                                              "--epochs", 2, "--seed", 2), check=False)
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 2

@@ -9,7 +9,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
 import prepare_imgnet_val
@@ -35,7 +34,8 @@ def write_png16(path, values):
 
     header = struct.pack(">IIBBBBB", width, height, 16, PNG_COLOUR_TYPES[channels], 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                + chunk(b"IEND", b""))
     return str(path)
 
 

@@ -158,6 +158,18 @@ def load_state_dict_checked(model, state_dict, source="checkpoint", allowed_miss
     return result, ignored
 
 
+def load_mage_weights(model, state_dict, source, tokenizer_given=False, allowed_missing=()):
+    """Load a MAGE checkpoint's state dict into a MAGE model: every key checked, the heads of MAGE-C logged and
+    ignored. tokenizer_given: the model's tokenizer weights came from --vqgan_ckpt, so the checkpoint's
+    vqgan.* are ignored (and may be absent)."""
+    if tokenizer_given:
+        logger.warning("%s: tokenizer weights from --vqgan_ckpt; ignoring the checkpoint's vqgan.*", source)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vqgan.")}
+        allowed_missing = (*allowed_missing, "vqgan.")
+    return load_state_dict_checked(model, state_dict, source=source, allowed_missing=allowed_missing,
+                                   ignore_foreign_modules=True)
+
+
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 KILL_HOOK = "MAGE_TEST_KILL"  # "written:NAME" or "renamed:NAME": kill -9 this process there (failure tests)
 
@@ -390,6 +402,11 @@ def repair_run_files(args, path):
     for line in repaired:
         print(f"{'resume' if path else 'start'}: {line}")
     return repaired
+
+
+def checkpoint_path(args):
+    """output_dir/checkpoint-last.pth when the run writes checkpoints, else ''."""
+    return os.path.join(args.output_dir, CHECKPOINT_LAST) if getattr(args, "output_dir", "") else ""
 
 
 def args_for_checkpoint(args):

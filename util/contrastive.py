@@ -12,18 +12,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.distributed import get_world_size
+
 # CAN recipe (arXiv 2210.16870, as reimplemented by bwconrad/can): 3 linear layers, 4096 wide, 128 out, tau 0.1.
 DEFAULT_HIDDEN_DIM = 4096
 DEFAULT_OUT_DIM = 128
 DEFAULT_NUM_LAYERS = 3
 DEFAULT_TEMPERATURE = 0.1
-
-
-def distributed_world_size():
-    """World size when a default process group is up, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -81,7 +76,7 @@ def gather_rows(rows):
 
     Differentiable across processes. Without a process group (or with one process) returns (rows, 0).
     """
-    if distributed_world_size() == 1:
+    if get_world_size() == 1:
         return rows, 0
     _check_equal_rows(rows)
     return _GatherRows.apply(rows), dist.get_rank() * rows.shape[0]
@@ -97,7 +92,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x):
-        world_size = distributed_world_size()
+        world_size = get_world_size()
         if not self.training or world_size == 1:
             return super().forward(x)
         # x: (n, C) on this process; N = sum of n over processes. Moments in (at least) float32 under autocast.

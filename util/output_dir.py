@@ -215,6 +215,16 @@ def warn_if_short_of_space(folder, expected_bytes):
               f"intact if they do)")
 
 
+def open_folder(folder, subfolders=()):
+    """Create `folder`, lock it for this process (OutputDirError naming the holder when another run has it) and
+    remove the stale temporary files in it and in `subfolders` (rank 0; util.generation calls it directly)."""
+    os.makedirs(folder, exist_ok=True)
+    lock_output_dir(folder)
+    for sub in ("", *subfolders):
+        if os.path.isdir(os.path.join(folder, sub)):
+            remove_stale_temp_files(os.path.join(folder, sub))
+
+
 def open_output_dir(args, folder=None, subfolders=(), expected_bytes=None):
     """Start writing to `folder` (default args.output_dir); every process calls it, rank 0 does the work:
 
@@ -226,11 +236,7 @@ def open_output_dir(args, folder=None, subfolders=(), expected_bytes=None):
     if not folder:
         return ""
     if is_main_process():
-        os.makedirs(folder, exist_ok=True)
-        lock_output_dir(folder)
-        for sub in ("", *subfolders):
-            if os.path.isdir(os.path.join(folder, sub)):
-                remove_stale_temp_files(os.path.join(folder, sub))
+        open_folder(folder, subfolders)
         if hasattr(args, "auto_resume"):  # a training script
             _prepare_training_folder(args, folder)
         warn_if_short_of_space(folder, expected_bytes)
