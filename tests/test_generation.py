@@ -53,6 +53,11 @@ def generate(*argv):
     gen_img_uncond.main(parse(*argv))
 
 
+def generate_in_a_process(argv, check=True):
+    """`python gen_img_uncond.py COMMON argv` in a fresh process (one thread); returns the CompletedProcess."""
+    return run_script("gen_img_uncond.py", [*COMMON, *argv], check=check)
+
+
 def image_bytes(output_dir):
     folder = os.path.join(output_dir, RUN_NAME, "images")
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
@@ -123,9 +128,9 @@ def test_missing_inception_weights_fail_before_any_work(ckpt, tmp_path):
 
 def test_wrong_inception_weights_fail_before_any_png(ckpt, reference_run, tmp_path):
     """A file that loads but is not torch-fidelity's InceptionV3 stops the run up front, in one line."""
-    refs = os.path.join(os.path.dirname(reference_run[0]), "refs", "val", "class_0_ellipse")
+    refs = reference_run[1]
     torch.save({"a": torch.zeros(3)}, tmp_path / "w.pth")
-    result = generate(["--ckpt", ckpt, "--output_dir", str(tmp_path / "out"), "--eval_fid", "--fid_ref", refs,
+    result = generate_in_a_process(["--ckpt", ckpt, "--output_dir", str(tmp_path / "out"), "--eval_fid", "--fid_ref", refs,
                        "--fid_weights", str(tmp_path / "w.pth")], check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -138,11 +143,11 @@ def test_inception_path_runs_offline_with_a_local_weights_file(ckpt, reference_r
                                                                 tmp_path):
     """--fid_weights FILE with torch-fidelity's real Inception architecture (random weights here): the check up
     front passes and the evaluation writes metrics.json, without any network."""
-    refs = os.path.join(os.path.dirname(reference_run[0]), "refs", "val", "class_0_ellipse")
+    refs = reference_run[1]
     output_dir = tmp_path / "copy"
     shutil.copytree(reference_run[0], output_dir)
-    result = generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(output_dir), "--eval_fid",
-                       "--fid_ref", refs, "--fid_weights", random_inception_weights])
+    result = generate_in_a_process(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(output_dir),
+                                    "--eval_fid", "--fid_ref", refs, "--fid_weights", random_inception_weights])
     assert "0 to generate" in result.stdout
     with open(output_dir / RUN_NAME / "metrics.json") as f:
         report = json.load(f)
