@@ -1,16 +1,19 @@
-"""Throughput and memory of MAGE's workloads, in the fast mode and in reference numerics.
+"""Throughput and memory of MAGE's workloads, with the speed flags as given and in reference numerics.
 
-    python benchmark.py --model mage_vit_base_patch16 --batch_size 2 --compare
+    python benchmark.py --model mage_vit_base_patch16 --batch_size 2 --compare --tokenizer_dtype bf16
     python benchmark.py --model mage_vit_large_patch16 --batch_size 256 --device cuda --compile
 
 Measures images/s of a pre-training step (forward + backward + AdamW) on images and on cached token ids
 (main_cache_tokens.py: no tokenizer in the step), tokenizer encode and decode,
 generation at T=12 and T=20, linear-probe feature extraction; peak memory (GPU: max allocated, CPU: peak
 RSS of this process during the task); model FLOPs per image and, with --peak_tflops, model FLOPs
-utilisation. --compare runs the same work in reference numerics (fp32, explicit softmax attention,
-contiguous NCHW, no compile) and in the fast mode, in one process, alternating the two call by call, and
-prints the ratios.
+utilisation. The speed flags are the scripts' (util/perf.py), with the same defaults; the "fast" mode is
+what they select. --compare runs the same work in reference numerics (--reference_numerics: float32,
+explicit softmax attention, contiguous NCHW, no compile, AdamW without fusion) and in the fast mode, in one
+process, alternating the two call by call, and prints the ratios.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import contextlib
 import json
@@ -25,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import models_mage
 import models_vit
 from models_vit import load_mage_checkpoint_into_classifier
-from util.perf import REFERENCE_NUMERICS, adamw_kwargs, apply_perf_settings
+from util.perf import PERF_FLAGS, REFERENCE_NUMERICS, adamw_kwargs, add_perf_args, apply_perf_settings
 from util.precision import autocast
 from util.sampling import decode_tokens, iterative_decode
 
@@ -44,15 +47,9 @@ def get_args_parser():
     parser.add_argument("--warmup", default=1, type=int, help="untimed repetitions per task")
     parser.add_argument("--threads", default=0, type=int, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", default=0, type=int)
-    fast = parser.add_argument_group("fast mode")
-    fast.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
-    fast.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    fast.add_argument("--grad_checkpointing", action="store_true")
-    fast.add_argument("--no_channels_last", dest="channels_last", action="store_false")
-    fast.add_argument("--no_fused_attn", dest="fused_attn", action="store_false")
-    fast.add_argument("--no_fused_optimizer", dest="fused_optimizer", action="store_false")
-    parser.add_argument("--compare", action="store_true", help="also run reference numerics and print ratios")
-    parser.add_argument("--reference_only", action="store_true", help="run only reference numerics")
+    parser.add_argument("--compare", action="store_true",
+                        help="run the speed flags as given and reference numerics, and print the ratios")
+    add_perf_args(parser)  # the mode measured; --reference_numerics: reference numerics only
     parser.add_argument("--peak_tflops", default=None, type=float,
                         help=f"device peak for MFU (default on CUDA: H200 bf16 dense, {H200_BF16_DENSE_TFLOPS})")
     parser.add_argument("--json", default="benchmark.json", help="where to write the results")
@@ -60,12 +57,11 @@ def get_args_parser():
 
 
 def mode_settings(args, reference):
+    """The speed settings of one mode: the flags as given ("fast"), or reference numerics."""
+    settings = {name: getattr(args, name) for name in PERF_FLAGS}
     if reference:
-        return SimpleNamespace(name="reference", **REFERENCE_NUMERICS,
-                               grad_checkpointing=args.grad_checkpointing)
-    return SimpleNamespace(name="fast", amp=args.amp, fused_attn=args.fused_attn, channels_last=args.channels_last,
-                           tokenizer_dtype="auto", compile=args.compile, fused_optimizer=args.fused_optimizer,
-                           grad_checkpointing=args.grad_checkpointing)
+        settings.update(REFERENCE_NUMERICS)
+    return SimpleNamespace(name="reference" if reference else "fast", **settings)
 
 
 def synchronize(device):
@@ -229,6 +225,9 @@ def print_table(results, compare):
 
 
 def main(args):
+    """Time the tasks; returns the record that --json writes: config (the flags), device_name, torch, threads,
+    and results[mode][task] = {images_per_s, seconds_per_batch, peak_memory_mb, gflops_per_image, mfu}
+    (the last two for the training and feature tasks; mfu with a known peak)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -236,7 +235,7 @@ def main(args):
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-    references = [True] if args.reference_only else ([True, False] if args.compare else [False])
+    references = [True] if args.reference_numerics else ([True, False] if args.compare else [False])
     modes = [mode_settings(args, reference) for reference in references]
     for settings in modes:
         print(f"{settings.name}: {vars(settings)}", flush=True)

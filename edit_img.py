@@ -15,6 +15,8 @@ other tokens are kept, so the rest of the image comes back through the tokenizer
 Writes OUTPUT_DIR/<name>_<mode>.png per image and OUTPUT_DIR/grid_<mode>.png (input | masked | result rows,
 for the first 16 images).
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import os
 
@@ -59,7 +61,7 @@ def get_args_parser():
     sampling.add_argument("--num_iter", default=12, type=int)
     sampling.add_argument("--batch_size", default=8, type=int)
     sampling.add_argument("--output_dir", default="output_dir/edit")
-    add_runtime_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 
@@ -207,18 +209,24 @@ def save_png(image, path):
 
 
 def main(args):
+    """Edit every input; returns:
+        images      the written OUTPUT_DIR/<name>_<mode>.png, in input order
+        grid        OUTPUT_DIR/grid_<mode>.png (input | kept tokens | result rows, the first 16 images)
+        mode, output_dir   --mode and --output_dir
+    """
     setup_run(args, check_edit_args)
     paths = list_images(args.input)
     model = build_model(args)
     resolution = model.grid_size * model.vqgan.downsample_factor
-    rows = []
+    rows, written = [], []
     for start in range(0, len(paths), args.batch_size):
         batch_paths = paths[start:start + args.batch_size]
         indices = list(range(start, start + len(batch_paths)))
         canvases, views, results = edit_batch(model, args, batch_paths, indices, resolution)
         for path, canvas, view, result in zip(batch_paths, canvases, views, results):
             stem = os.path.splitext(os.path.basename(path))[0]
-            save_png(result, os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            written.append(os.path.join(args.output_dir, f"{stem}_{args.mode}.png"))
+            save_png(result, written[-1])
             if len(rows) < 3 * GRID_ROWS:
                 rows.extend([canvas, view, result])
         print(f"edited {start + len(batch_paths)}/{len(paths)}")
@@ -226,6 +234,7 @@ def main(args):
     save_png(make_grid(torch.stack(rows), nrow=3, padding=2), grid_path)
     print(f"wrote {len(paths)} images and {grid_path}")
     cleanup_distributed()
+    return {"images": written, "grid": grid_path, "mode": args.mode, "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

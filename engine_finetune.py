@@ -7,6 +7,7 @@ import torch
 from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
+from util.checkpoint import checkpoint_path
 from util.distributed import all_reduce_mean, no_sync_if, unwrap
 from util.errors import check_finite
 from util.metrics import MetricLogger, SmoothedValue
@@ -96,7 +97,8 @@ def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
     evaluated (default: the unwrapped model). `progress` ({"max_accuracy": ...}, restored by
     util.checkpoint.load_model on a resume) holds the best top-1 accuracy so far and is saved in every
-    checkpoint. Returns the last evaluation's statistics.
+    checkpoint. Returns classifier_result(): the last evaluation (of the loaded weights when a resumed run has
+    no epoch left) and the per-epoch history.
     """
     eval_model = eval_model or unwrap(model)
     num_val = len(loader_val.dataset)
@@ -117,6 +119,27 @@ def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, 
                 log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
         return test_stats
 
-    _, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer, loss_scaler,
-                        evaluate_epoch, progress=progress)
-    return test_stats
+    final_stats = None
+    if args.start_epoch >= args.epochs:  # resumed after the last epoch: evaluate the loaded weights
+        final_stats = evaluate(loader_val, eval_model, device, args, input_fn)
+    history, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer,
+                              loss_scaler, evaluate_epoch, progress=progress)
+    return classifier_result(args, final_stats or test_stats, history)
+
+
+def classifier_result(args, test_stats, history):
+    """The result of main_linprobe.py / main_finetune.py training (rank 0; other ranks: the same keys,
+    `history` holding only the epochs they ran):
+        acc1, acc5, loss    top-1 / top-5 accuracy (%) and cross-entropy of the final weights on the val split
+        max_acc1, max_acc5  the best of each over the epochs (and the final evaluation)
+        epochs              the --epochs the run trained to
+        history             per-epoch stats (log.txt's lines: train_loss, train_lr, ..., test_acc1, test_acc5,
+                            test_loss, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint          output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir          --output_dir
+    """
+    return {"acc1": test_stats["acc1"], "acc5": test_stats["acc5"], "loss": test_stats["loss"],
+            "max_acc1": max([test_stats["acc1"]] + [stats["test_acc1"] for stats in history]),
+            "max_acc5": max([test_stats["acc5"]] + [stats["test_acc5"] for stats in history]),
+            "epochs": args.epochs, "history": history, "checkpoint": checkpoint_path(args),
+            "output_dir": args.output_dir}

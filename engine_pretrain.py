@@ -18,19 +18,21 @@ from util.seeding import derive_seed
 
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
+LABEL_DROP_STREAM = 2 ** 31 + 1  # seeds the label dropout apart from the masks (which stay as without labels)
 
 
 def split_batch(batch, device):
-    """(images, token ids) of a batch, one of them None.
+    """(images, token ids, labels) of a batch, images or token ids None.
 
     Image datasets yield (images float (B, 3, H, W) in [0, 1], labels). A token cache yields integer token ids
     (B, seq_len) in place of the images; they go to the model as gt_indices and the tokenizer is skipped.
     """
-    samples = batch[0] if isinstance(batch, (list, tuple)) else batch
+    samples, labels = batch if isinstance(batch, (list, tuple)) else (batch, None)
     samples = samples.to(device, non_blocking=True)
+    labels = None if labels is None else labels.to(device, non_blocking=True)
     if samples.dtype.is_floating_point:
-        return samples, None
-    return None, samples.long()
+        return samples, None, labels
+    return None, samples.long(), labels
 
 
 def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
@@ -40,6 +42,24 @@ def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
     generator.manual_seed(derive_seed(seed, epoch, step))
     token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
     return token_drop_mask[rank::world], token_all_mask[rank::world]
+
+
+def global_label_drop(local_bsz, device, seed, epoch, step, prob):
+    """This process's rows of the label-drop flags (B,) bool of the global batch: each global row drops its
+    label with probability `prob`, drawn from (seed, epoch, step) like the masks."""
+    world, rank = get_world_size(), get_rank()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, epoch, step, LABEL_DROP_STREAM))
+    return (torch.rand(local_bsz * world, generator=generator, device=device) < prob)[rank::world]
+
+
+def conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, step, args):
+    """The labels the model sees: None for unconditional training, else the classes with the dropped ones set to
+    the model's NO_CLASS."""
+    if not getattr(args, "class_cond", False):
+        return None
+    drop = global_label_drop(local_bsz, device, args.seed, epoch, step, args.label_drop_prob)
+    return labels.long().masked_fill(drop, model_without_ddp.NO_CLASS)
 
 
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
@@ -56,16 +76,17 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
     for step, batch in enumerate(metric_logger.log_every(data_loader, PRINT_FREQ, f"Epoch: [{epoch}]")):
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step / steps + epoch, args)
-        images, tokens = split_batch(batch, device)
-        if vis_batch is None and log_writer is not None:
-            vis_batch = (images, tokens)
+        images, tokens, labels = split_batch(batch, device)
         local_bsz = (images if tokens is None else tokens).shape[0]
+        labels = conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, step, args)
+        if vis_batch is None and log_writer is not None:
+            vis_batch = (images, tokens, labels)
         masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
         update = (step + 1) % accum_iter == 0
 
         with no_sync_if(model, not update):
             with autocast(device, args.amp):
-                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks)
+                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks, labels=labels)
             loss_value = all_reduce_mean(loss.item())
             check_finite(loss_value, epoch, step)
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,
@@ -93,9 +114,10 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
 
 @torch.no_grad()
-def log_image_grid(model, images, tokens, log_writer, epoch, args):
+def log_image_grid(model, images, tokens, labels, log_writer, epoch, args):
     """Rows: inputs | tokenizer reconstruction | reconstruction with the masked tokens replaced by the
-    model's argmax prediction | unconditional samples (12 steps, temperature 4.5).
+    model's argmax prediction | samples (12 steps, temperature 4.5; of the inputs' classes without guidance
+    for a class-conditional model, the dropped ones unconditional).
     Runs in eval mode with its own generators: training RNG is untouched."""
     was_training = model.training
     model.eval()
@@ -107,13 +129,15 @@ def log_image_grid(model, images, tokens, log_writer, epoch, args):
         generator = torch.Generator(device=device)
         generator.manual_seed(derive_seed(args.seed, epoch, VIS_STREAM))
         drop_mask, all_mask = model.sample_masks(tokens.shape[0], device, generator)
-        latent, _, _, _ = model.forward_encoder(None, gt_indices=tokens, masks=(drop_mask, all_mask))
+        labels = None if labels is None else labels[:count]
+        latent, _, _, _ = model.forward_encoder(None, gt_indices=tokens, masks=(drop_mask, all_mask), labels=labels)
         logits = model.forward_decoder(latent, drop_mask, all_mask)
         predicted = logits[:, 1:, :model.codebook_size].argmax(dim=-1)
         predicted = torch.where(all_mask[:, 1:].bool(), predicted, tokens)
         reconstruction = model.vqgan.decode_code(tokens, model.grid_size).float()
         prediction = model.vqgan.decode_code(predicted, model.grid_size).float()
-        samples = generate_images(model, tokens.shape[0], num_iter=12, temperature=4.5, generator=generator)
+        samples = generate_images(model, tokens.shape[0], num_iter=12, temperature=4.5, generator=generator,
+                                  labels=labels)
     inputs = images.float() if images is not None else reconstruction
     rows = torch.cat([inputs, reconstruction, prediction, samples]).clamp(0, 1).cpu()
     grid = torchvision.utils.make_grid(rows, nrow=tokens.shape[0])

@@ -11,27 +11,22 @@ are dealt out to the ranks, so any number of processes writes the same files for
 size, thread count and device kind. Another batch size or thread count may change some images (matmul kernels
 block the work differently, low bits move and near-tied tokens flip). A rerun skips written images.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
-import hashlib
-import json
 import math
 import os
 
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, read_image
-from torchvision.utils import make_grid
-from tqdm import tqdm
 
 import models_mage
 from models_mage import tokenizer_kwargs
-from util.checkpoint import (TMP_SUFFIX, extract_model_state, load_checkpoint, load_state_dict_checked,
-                             save_json_atomic, write_atomic)
+from util import generation
+from util.checkpoint import extract_model_state, load_checkpoint, load_mage_weights
 from util.cli import add_runtime_args, run_script
-from util.distributed import barrier, cleanup_distributed, get_rank, get_world_size, is_main_process
-from util.errors import UsageError
-from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
-from util.perf import add_perf_args, apply_perf_settings, tokenizer_dtype
+from util.distributed import barrier, cleanup_distributed, is_main_process
+from util.errors import CheckpointError, UsageError
+from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import autocast
 from util.run import setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
@@ -49,7 +44,7 @@ def add_model_args(parser):
     model.add_argument("--vqgan_config", default=None, help="tokenizer config (default: the model preset's)")
     model.add_argument("--vqgan_ckpt", default=None,
                        help="tokenizer weights; when given they replace any vqgan.* weights in --ckpt")
-    add_perf_args(parser)
+    add_perf_args(parser, INFERENCE_FLAGS)
     return model
 
 
@@ -63,16 +58,8 @@ def get_args_parser():
                                "thread count and device kind (another batch size may change some images)")
     sampling.add_argument("--num_images", default=50000, type=int)
     sampling.add_argument("--output_dir", default="output_dir")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval_fid", action="store_true", help="compute FID and IS after generating")
-    evaluation.add_argument("--fid_ref", default="", help="folder of reference PNGs (prepare_imgnet_val.py)")
-    evaluation.add_argument("--fid_weights", default="", help="local torch-fidelity Inception weights file")
-    evaluation.add_argument("--fid_kid", action="store_true", help="also kernel inception distance")
-    evaluation.add_argument("--fid_prc", action="store_true", help="also precision / recall")
-    evaluation.add_argument("--fid_batch_size", default=64, type=int)
-    evaluation.add_argument("--fid_feature_extractor", default=INCEPTION, choices=(INCEPTION, PIXEL_STATS),
-                            help=f"{PIXEL_STATS} is a tiny offline stand-in for smoke tests, not a real FID")
-    add_runtime_args(parser)
+    generation.add_fid_args(parser)
+    add_runtime_args(parser, data_loader=False)
     return parser
 
 
@@ -86,25 +73,15 @@ def check_args(args):
     for name in ("num_images", "batch_size", "num_iter"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
-    if args.eval_fid and not os.path.isdir(args.fid_ref):
-        raise UsageError(f"--eval_fid needs --fid_ref DIR, a folder of reference images (got '{args.fid_ref}')")
-
-
-def weights_fingerprint(model):
-    """sha256 of every tensor of the model's state dict: tells checkpoints with the same file name apart."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    generation.check_fid_args(args)
 
 
 def settings_of(args, model):
     """Everything that changes the images; stored in settings.json and checked on every rerun."""
     return {"model": args.model, "ckpt": os.path.basename(args.ckpt) if args.ckpt else "random_init",
-            "weights_sha256": weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
+            "weights_sha256": generation.weights_fingerprint(model), "temp": args.temp, "num_iter": args.num_iter,
             "seed": args.seed, "amp": args.amp, "device_type": args.device.type,
-            "fused_attn": args.fused_attn, "tokenizer_dtype": str(tokenizer_dtype(args, args.device)),
+            "fused_attn": args.fused_attn, "tokenizer_dtype": args.tokenizer_dtype,
             "channels_last": args.channels_last}
 
 
@@ -114,60 +91,34 @@ def run_folder(args):
     return os.path.join(args.output_dir, name)
 
 
-def build_model(args):
-    """The generator with its weights; every checkpoint problem raises CheckpointError here, before any work."""
+def build_model(args, class_cond=None):
+    """The generator with its weights; every checkpoint problem raises CheckpointError here, before any work.
+
+    class_cond None: class-conditional exactly when the checkpoint has a class embedding (an unconditional run
+    of such a model uses its "no class" token); True: the checkpoint must have one (or --num_classes with
+    --random_init)."""
     state_dict = None
     if args.ckpt:
         state_dict = extract_model_state(load_checkpoint(args.ckpt), source=args.ckpt)
+        class_weights = state_dict.get("class_emb.weight")
+        if class_cond and class_weights is None:
+            raise CheckpointError(f"{args.ckpt} is an unconditional MAGE (no class_emb.weight): fine-tune it with "
+                                  f"main_pretrain.py --class_cond --finetune {args.ckpt}, or use gen_img_uncond.py")
+        num_classes = 0 if class_weights is None else class_weights.shape[0]
     else:
         torch.manual_seed(args.seed)  # identical random weights on every rank
-    model = models_mage.MODELS[args.model](**tokenizer_kwargs(args))
+        num_classes = getattr(args, "num_classes", 0) if class_cond else 0
+    kwargs = tokenizer_kwargs(args)
+    if num_classes:
+        kwargs.update(class_cond=True, num_classes=num_classes)
+    model = models_mage.MODELS[args.model](**kwargs)
     if state_dict is not None:
-        allowed_missing = ()
-        if args.vqgan_ckpt:
-            print(f"tokenizer weights from {args.vqgan_ckpt}; ignoring vqgan.* in {args.ckpt}")
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vqgan.")}
-            allowed_missing = ("vqgan.",)
-        load_state_dict_checked(model, state_dict, source=args.ckpt, allowed_missing=allowed_missing,
-                                ignore_foreign_modules=True)
+        load_mage_weights(model, state_dict, source=args.ckpt, tokenizer_given=bool(args.vqgan_ckpt))
     return apply_perf_settings(model.to(args.device), args, args.device).eval()
-
-
-def prepare_folder(folder, settings):
-    """Create the run folder, or check that an existing one was written with the same settings (rank 0)."""
-    image_dir = os.path.join(folder, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    settings_path = os.path.join(folder, "settings.json")
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            previous = json.load(f)
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise UsageError(f"'{folder}' holds images made with other settings ({', '.join(changed)} "
-                             f"differ); choose another --output_dir")
-    else:
-        save_json_atomic(settings_path, settings)
-    for name in os.listdir(image_dir):  # partial files of a killed run
-        if name.endswith(TMP_SUFFIX):
-            os.remove(os.path.join(image_dir, name))
 
 
 def image_path(image_dir, index):
     return os.path.join(image_dir, f"{index:05d}.png")
-
-
-def is_done(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0
-
-
-def batches_to_do(args, image_dir):
-    """Fixed chunks of batch_size image indices that still miss a file, dealt out round-robin to the ranks."""
-    todo = []
-    for start in range(0, args.num_images, args.batch_size):
-        indices = list(range(start, min(start + args.batch_size, args.num_images)))
-        if not all(is_done(image_path(image_dir, k)) for k in indices):
-            todo.append(indices)
-    return todo[get_rank()::get_world_size()]
 
 
 def generate_batch(model, indices, args):
@@ -176,63 +127,42 @@ def generate_batch(model, indices, args):
     generators = image_generators(args.seed, indices, args.device)
     with autocast(args.device, args.amp):
         ids = iterative_decode(model, ids, num_iter=args.num_iter, temperature=args.temp, generator=generators)
-    images = decode_tokens(model, ids)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def save_png(array, path):
-    # no fsync per image: a rerun after a crash checks every file (is_done) and rewrites what is missing
-    write_atomic(path, lambda f: Image.fromarray(array.numpy()).save(f, format="PNG"), sync=False)
-
-
-def save_grid(image_dir, num_images, path):
-    count = min(GRID_IMAGES, num_images)
-    images = [read_image(image_path(image_dir, k), mode=ImageReadMode.RGB) for k in range(count)]
-    grid = make_grid(torch.stack(images), nrow=math.ceil(math.sqrt(count)), padding=2)
-    save_png(grid.permute(1, 2, 0).contiguous(), path)
-
-
-def evaluate(args, image_dir, folder, settings):
-    metrics = compute_metrics(image_dir, args.fid_ref, device=args.device, isc=True, fid=True, kid=args.fid_kid,
-                              prc=args.fid_prc, weights_path=args.fid_weights or None,
-                              feature_extractor=args.fid_feature_extractor, batch_size=args.fid_batch_size)
-    report = {"metrics": metrics, "num_images": args.num_images, "fid_ref": os.path.abspath(args.fid_ref),
-              "feature_extractor": args.fid_feature_extractor, "settings": settings}
-    save_json_atomic(os.path.join(folder, "metrics.json"), report)
-    print(json.dumps(metrics, indent=2))
+    return generation.to_uint8(decode_tokens(model, ids))
 
 
 def main(args):
-    setup_run(args, check_args, create_output_dir=False)  # prepare_folder lays out the run folder
-    if args.eval_fid and args.fid_feature_extractor == INCEPTION and is_main_process():
-        resolve_inception_weights(args.fid_weights or None)  # fail now rather than after generating
+    """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid, settings, metrics None):
+        folder      OUTPUT_DIR/<settings>/, the run folder (settings.json, grid.png, metrics.json)
+        image_dir   folder/images/, the samples 00000.png ... only
+        grid        folder/grid.png, the first 64 samples
+        num_images  --num_images
+        settings    what the images depend on (settings.json)
+        metrics     torch-fidelity's metrics with --eval_fid (frechet_inception_distance,
+                    inception_score_mean, ...), else None
+    """
+    setup_run(args, check_args, create_output_dir=False)  # generation.prepare_folder lays out the run folder
+    generation.check_fid_weights(args)  # fail now rather than after generating
     model = build_model(args)
     folder = run_folder(args)
     image_dir = os.path.join(folder, "images")
     settings = settings_of(args, model) if is_main_process() else None
+    generation.generate_missing(folder, settings, args.num_images, args.batch_size,
+                                lambda k: image_path(image_dir, k), lambda ks: generate_batch(model, ks, args))
+    result = {"folder": folder, "image_dir": image_dir, "grid": None, "num_images": args.num_images,
+              "settings": settings, "metrics": None}
     if is_main_process():
-        prepare_folder(folder, settings)
-    barrier()
-    batches = batches_to_do(args, image_dir)
-    barrier()  # every rank has listed the missing images before any rank writes
-    total = sum(len(b) for b in batches)
-    print(f"{folder}: {args.num_images} images, {total} to generate on rank 0 of {get_world_size()}")
-    with tqdm(total=total, unit="img", disable=not is_main_process()) as progress:
-        for indices in batches:
-            images = generate_batch(model, indices, args)
-            for index, array in zip(indices, images):
-                path = image_path(image_dir, index)
-                if not is_done(path):
-                    save_png(array, path)
-            progress.update(len(indices))
-    barrier()
-    if is_main_process():
-        save_grid(image_dir, args.num_images, os.path.join(folder, "grid.png"))
-        print(f"wrote {image_dir} and {os.path.join(folder, 'grid.png')}")
+        count = min(GRID_IMAGES, args.num_images)
+        result["grid"] = os.path.join(folder, "grid.png")
+        generation.save_grid([image_path(image_dir, k) for k in range(count)], result["grid"],
+                             nrow=math.ceil(math.sqrt(count)))
+        print(f"wrote {image_dir} and {result['grid']}")
         if args.eval_fid:
-            evaluate(args, image_dir, folder, settings)
+            report = generation.evaluate_fid(args, image_dir, folder,
+                                             {"num_images": args.num_images, "settings": settings})
+            result["metrics"] = report["metrics"]
     barrier()
     cleanup_distributed()
+    return result
 
 
 if __name__ == "__main__":

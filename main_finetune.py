@@ -2,8 +2,10 @@
 
 As in the reference, the training transform normalises by ImageNet mean/std (so random erasing and its noise
 work in that space) and the batch is mapped back to [0, 1] pixels right before the tokenizer, after Mixup.
---no_normalize skips both.
+--no-normalize skips both.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 
 import torch
@@ -71,9 +73,9 @@ def get_args_parser():
     group.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     group.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
     group.add_argument("--mixup_mode", type=str, default="batch", choices=("batch", "pair", "elem"))
-    group.add_argument("--no_normalize", action="store_true",
-                       help="no ImageNet mean/std normalisation in the transforms (the reference normalises, "
-                            "then maps back to [0, 1] before the tokenizer)")
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                       help="ImageNet mean/std normalisation in the transforms, mapped back to [0, 1] before the "
+                            "tokenizer (the reference); --no-normalize skips both")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with train/ and val/")
@@ -144,14 +146,16 @@ def build_criterion(args, mixup_fn):
 
 
 def pixel_fn(args):
-    """Maps a normalised batch back to the [0, 1] pixels the tokenizer takes (None with --no_normalize)."""
-    if args.no_normalize:
+    """Maps a normalised batch back to the [0, 1] pixels the tokenizer takes (None with --no-normalize)."""
+    if not args.normalize:
         return None
     mean, std = data.finetune_mean_std(args)
     return lambda images: data.denormalize(images, mean, std)
 
 
 def main(args):
+    """Fine-tune; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     setup_run(args, check_args)
     device = args.device
     model = build_model(args)

@@ -3,6 +3,8 @@
 --cache_features runs the frozen backbone once over each split and trains the head on the stored features
 (one fixed augmented view per training image); without it the backbone runs every epoch on fresh crops.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 
 import torch
@@ -20,7 +22,7 @@ from util.errors import UsageError
 from util.lars import LARS
 from util.lr_sched import effective_lr
 from util.metrics import MetricLogger
-from util.perf import add_perf_args, apply_perf_settings
+from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount, autocast
 from util.run import setup_run
 
@@ -61,8 +63,9 @@ def get_args_parser():
     group.add_argument("--cache_features", action="store_true",
                        help="extract the frozen features once (one fixed view per training image) and train "
                             "the head on them")
-    group.add_argument("--no_train_aug", action="store_true",
-                       help="train on the evaluation transform (Resize + CenterCrop) instead of random crops")
+    group.add_argument("--train_aug", action=argparse.BooleanOptionalAction, default=True,
+                       help="random crops and flips for training (the reference); --no-train_aug trains on the "
+                            "evaluation transform (Resize + CenterCrop)")
 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume)")
@@ -70,7 +73,7 @@ def get_args_parser():
 
     add_checkpoint_args(parser, save_every=10)
     add_runtime_args(parser)
-    add_perf_args(parser)
+    add_perf_args(parser, INFERENCE_FLAGS)  # LARS has no fused kernel; no backward through the backbone
     return parser
 
 
@@ -127,7 +130,7 @@ def extract_features(features, dataset, args):
 def build_data(model, args):
     """(train loader, val loader, input_fn): loaders of images and a feature extractor, or of cached features."""
     val_transform = data.eval_transform(args.input_size)
-    train_transform = val_transform if args.no_train_aug else data.linprobe_train_transform(args.input_size)
+    train_transform = data.linprobe_train_transform(args.input_size) if args.train_aug else val_transform
     dataset_val = data.build_image_folder(args, "val", val_transform)
     dataset_train = None if args.eval else data.build_image_folder(args, "train", train_transform)
     for dataset in (dataset_val, dataset_train):
@@ -148,6 +151,8 @@ def build_data(model, args):
 
 
 def main(args):
+    """Linear-probe; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
+    history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
     setup_run(args, check_args)
     device = args.device
     model = apply_perf_settings(build_model(args).to(device), args, device)

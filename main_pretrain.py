@@ -1,14 +1,18 @@
 """MAGE pre-training: masked token modelling over a frozen VQGAN tokenizer, under torchrun DDP or alone."""
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 
 import torch
 from timm.optim import param_groups_weight_decay
+from torchvision.datasets.folder import find_classes
 
 import models_mage
 import util.datasets as data
 from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model, resolve_resume_path
+from util.checkpoint import (checkpoint_path, extract_model_state, load_checkpoint, load_mage_weights, load_model,
+                             resolve_resume_path)
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
@@ -17,6 +21,7 @@ from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount
 from util.run import setup_run
 from util.token_cache import CachedTokenDataset, read_meta
+from util.token_cache import num_classes as token_cache_num_classes
 from util.train_loop import fit
 
 
@@ -38,6 +43,19 @@ def get_args_parser():
     group.add_argument("--mask_ratio_mu", type=float, default=0.55)
     group.add_argument("--mask_ratio_std", type=float, default=0.25)
     group.add_argument("--dropout", type=float, default=0.1, help="dropout in embeddings, attention and MLPs")
+    group.add_argument("--finetune", default="",
+                       help="start from this MAGE checkpoint (released or ours); a class embedding it lacks starts "
+                            "from its initialisation N(0, 0.02). --resume / --auto_resume take precedence")
+
+    group = parser.add_argument_group("class-conditional MAGE")
+    group.add_argument("--class_cond", action="store_true",
+                       help="feed the image's class at position 0 (models_mage: a separate class embedding; the "
+                            "'no class' token stays the unconditional one)")
+    group.add_argument("--num_classes", type=int, default=None,
+                       help="rows of the class embedding (default: the classes of the training data)")
+    group.add_argument("--label_drop_prob", type=float, default=0.1,
+                       help="probability that a sample's class is replaced by the 'no class' token, so one model "
+                            "also samples unconditionally and supports classifier-free guidance")
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--weight_decay", type=float, default=0.05)
@@ -76,10 +94,28 @@ def check_args(args):
         raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.warmup_epochs < 0:
         raise UsageError("--warmup_epochs must not be negative")
+    if not 0.0 <= args.label_drop_prob <= 1.0:
+        raise UsageError(f"--label_drop_prob must be in [0, 1], got {args.label_drop_prob}")
     if args.cached_tokens:
         read_meta(args.cached_tokens)
     else:
         data.check_split(args.data_path, "train")
+    if args.class_cond:
+        resolve_num_classes(args)
+
+
+def resolve_num_classes(args):
+    """--num_classes, by default the number of classes of the training data; never fewer than the data has."""
+    if args.cached_tokens:
+        found = token_cache_num_classes(args.cached_tokens)
+    else:
+        found = len(find_classes(data.check_split(args.data_path, "train"))[0])
+    source = args.cached_tokens or args.data_path
+    if args.num_classes is None:
+        args.num_classes = found
+    elif args.num_classes < found:
+        raise UsageError(f"--num_classes {args.num_classes} is smaller than the {found} classes of '{source}'")
+    print(f"class-conditional: {args.num_classes} classes, label drop probability {args.label_drop_prob}")
 
 
 def build_train_dataset(args, model):
@@ -97,17 +133,40 @@ def build_train_dataset(args, model):
 
 
 def build_model(args):
+    class_kwargs = {"class_cond": True, "num_classes": args.num_classes} if args.class_cond else {}
     model = models_mage.MODELS[args.model](
         mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, mask_ratio_mu=args.mask_ratio_mu,
-        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **tokenizer_kwargs(args))
+        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **class_kwargs, **tokenizer_kwargs(args))
     check_input_size(model, args.input_size)
-    if not args.vqgan_ckpt and not resolve_resume_path(args):
+    if args.finetune:
+        load_finetune_weights(model, args)
+    elif not args.vqgan_ckpt and not resolve_resume_path(args):
         print("WARNING: no --vqgan_ckpt and nothing to resume: the tokenizer is randomly initialised "
               "(fine for tests, useless for real pre-training)")
     return model
 
 
+def load_finetune_weights(model, args):
+    """--finetune: a MAGE checkpoint's weights (an unconditional one leaves only the class embedding as it was
+    initialised); the optimizer and schedule start afresh."""
+    state_dict = extract_model_state(load_checkpoint(args.finetune), source=args.finetune)
+    allowed_missing = ("class_emb.",) if args.class_cond and "class_emb.weight" not in state_dict else ()
+    load_mage_weights(model, state_dict, source=args.finetune, tokenizer_given=bool(args.vqgan_ckpt),
+                      allowed_missing=allowed_missing)
+    print(f"weights from {args.finetune}" + (" (class embedding initialised)" if allowed_missing else ""))
+
+
 def main(args):
+    """Pre-train; returns the run's result (rank 0; other ranks: the same keys, `history` holding only the
+    epochs they ran):
+        final_loss       train loss of the last epoch (None when a resumed run finds no epoch in its log)
+        epochs           the --epochs the run trained to
+        steps_per_epoch  batches per epoch and process (optimizer steps: this / --accum_iter)
+        history          per-epoch stats (log.txt's lines: train_loss, train_lr, train_mask_ratio,
+                         train_grad_norm, epoch), including the epochs of an earlier process of a resumed run
+        checkpoint       output_dir/checkpoint-last.pth ('' without --output_dir)
+        output_dir       --output_dir
+    """
     setup_run(args, check_args)
     device = args.device
     model = build_model(args)
@@ -135,7 +194,10 @@ def main(args):
         return train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer=log_writer,
                                args=args)
 
-    fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
+    history, _ = fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
+    return {"final_loss": history[-1]["train_loss"] if history else None, "epochs": args.epochs,
+            "steps_per_epoch": len(data_loader_train), "history": history,
+            "checkpoint": checkpoint_path(args), "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

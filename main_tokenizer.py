@@ -6,6 +6,8 @@
 Writes output_dir/tokenizer.ckpt ({'state_dict': ...}, the key format of vqgan_jax_strongaug.ckpt) and
 output_dir/tokenizer.yaml; pass them to any MAGE script as --vqgan_ckpt / --vqgan_config.
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import datetime
 import os
@@ -14,8 +16,8 @@ import time
 import torch
 from torchvision import transforms
 
-from engine_tokenizer import (CodebookMonitor, TokenizerForward, evaluate, export_tokenizer, reconstruction_grid,
-                              train_one_epoch)
+from engine_tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, CodebookMonitor, TokenizerForward, evaluate,
+                              export_tokenizer, reconstruction_grid, train_one_epoch)
 from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import VQGANLoss
 from util.checkpoint import (CHECKPOINT_LAST, args_for_checkpoint, load_checkpoint, load_state_dict_checked,
@@ -24,7 +26,8 @@ from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.datasets import build_image_folder, build_loader, set_epoch
 from util.distributed import barrier, cleanup_distributed, get_world_size, is_main_process, wrap_ddp
 from util.errors import CheckpointError, UsageError
-from util.metrics import append_log, make_log_writer
+from util.metrics import append_log, epoch_history, make_log_writer
+from util.perf import add_perf_args
 from util.precision import NativeScalerWithGradNormCount
 from util.run import setup_run
 
@@ -40,7 +43,6 @@ def get_args_parser():
                        help="YAML shaped like config/vqgan.yaml: ddconfig (resolution, ch, ch_mult, ...), n_embed, "
                             "embed_dim")
     group.add_argument("--init_ckpt", default="", help="start from this tokenizer file (e.g. to fine-tune the release)")
-    group.add_argument("--channels_last", action="store_true", help="channels_last memory format")
 
     group = parser.add_argument_group("losses")
     group.add_argument("--codebook_weight", default=1.0, type=float, help="weight of codebook + 0.25 * commitment")
@@ -55,9 +57,8 @@ def get_args_parser():
     group.add_argument("--perceptual_weight", default=1.0, type=float)
 
     group = parser.add_argument_group("codebook")
-    group.add_argument("--restart_dead_codes", action="store_true", default=True,
-                       help="re-initialise unused codes from recent encoder outputs (default on)")
-    group.add_argument("--no_restart_dead_codes", action="store_false", dest="restart_dead_codes")
+    group.add_argument("--restart_dead_codes", action=argparse.BooleanOptionalAction, default=True,
+                       help="re-initialise unused codes from recent encoder outputs")
     group.add_argument("--dead_code_steps", default=100, type=int, help="a code unused this many steps is dead")
     group.add_argument("--restart_every", default=25, type=int,
                        help="check for dead codes (and log usage/perplexity) every this many steps")
@@ -82,9 +83,10 @@ def get_args_parser():
 
     add_runtime_args(parser)
     add_checkpoint_args(parser, save_every=0)
+    add_perf_args(parser, ("amp", "channels_last"))
     # float32 by default: bf16 autocast cost ~2 dB of val PSNR at equal steps in the demo (code assignment
     # is sensitive to the precision of z) and was only ~1.3x faster on a CPU without AMX.
-    parser.set_defaults(num_workers=2, log_dir=None, amp="none")
+    parser.set_defaults(num_workers=2, amp="none")
     return parser
 
 
@@ -130,10 +132,17 @@ def resume_training_state(args, state):
 
 
 def main(args):
+    """Train the tokenizer; returns (every rank; only rank 0 writes the files and reads earlier epochs back):
+        psnr, l1, codebook_usage, perplexity   val metrics of the final weights (dB, -, % of codes, -)
+        epochs, steps, train_time_s            the schedule trained to and its training time (all processes)
+        history                                per-epoch stats (log.txt's lines), including the epochs of an
+                                               earlier process of a resumed run
+        tokenizer, tokenizer_config            output_dir/tokenizer.ckpt and tokenizer.yaml ('' without
+                                               --output_dir): the --vqgan_ckpt / --vqgan_config of MAGE runs
+        output_dir                             --output_dir
+    """
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
-    if args.log_dir is None:
-        args.log_dir = args.output_dir
     setup_run(args)
 
     settings = load_vqgan_config(args.vqgan_config)
@@ -174,7 +183,7 @@ def main(args):
     log_writer = make_log_writer(args)
     spread = range(0, len(dataset_val), max(1, len(dataset_val) // GRID_IMAGES))  # across classes
     grid_images = torch.stack([dataset_val[i][0] for i in list(spread)[:GRID_IMAGES]]).to(args.device)
-    metrics = {}
+    metrics, new_epochs = {}, []
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         set_epoch(loader_train, epoch)
@@ -196,6 +205,7 @@ def main(args):
                 log_writer.add_image("val/reconstructions", reconstruction_grid(vqmodel, grid_images), step)
                 log_writer.flush()
         append_log(args, stats)
+        new_epochs.append(stats)
 
     if not metrics:  # resumed after the last epoch: evaluate the final weights again
         metrics = evaluate(vqmodel, loader_val, args.device)
@@ -210,7 +220,10 @@ def main(args):
     if log_writer is not None:
         log_writer.close()
     cleanup_distributed()
-    return metrics
+    files = {name: os.path.join(args.output_dir, file) if args.output_dir else ""
+             for name, file in (("tokenizer", TOKENIZER_FILE), ("tokenizer_config", TOKENIZER_CONFIG_FILE))}
+    return {**metrics, "history": epoch_history(args, start_epoch, new_epochs), **files,
+            "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":

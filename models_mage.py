@@ -74,6 +74,9 @@ def check_input_size(model, input_size):
                          f"{model.grid_size * factor} (or a --vqgan_config with that resolution)")
 
 
+NO_CLASS = -1  # label of a row without a class: its position 0 holds the unconditional token fake_class_label
+
+
 class MageAttention(nn.Module):
     """Multi-head self-attention whose logits and softmax are computed in float32 even under autocast
     (the reference does this; ViT-L pre-training diverges to NaN in fp16 otherwise).
@@ -150,10 +153,13 @@ class BertEmbeddings(nn.Module):
         nn.init.normal_(self.word_embeddings.weight, std=0.02)
         nn.init.normal_(self.position_embeddings.weight, std=0.02)
 
-    def forward(self, input_ids):
-        # input_ids: (B, L) -> (B, L, D)
+    def forward(self, input_ids, class_embeddings=None):
+        # input_ids: (B, L), optional class_embeddings (B, D) in place of position 0's word -> (B, L, D)
+        words = self.word_embeddings(input_ids)
+        if class_embeddings is not None:
+            words = torch.cat([class_embeddings.unsqueeze(1).to(words.dtype), words[:, 1:]], dim=1)
         position_embeddings = self.position_embeddings(self.position_ids[:, :input_ids.shape[1]])
-        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + position_embeddings))
+        return self.dropout(self.LayerNorm(words + position_embeddings))
 
 
 class MlmLayer(nn.Module):
@@ -194,11 +200,25 @@ class TruncatedNormal:
 
 
 class MaskedGenerativeEncoderViT(nn.Module):
+    """MAGE; with class_cond=True also a class-conditional generator (labels in at position 0).
+
+    Class-conditional layout. MaskGIT puts label c at position 0 as vocabulary id codebook_size + c, but MAGE
+    trained one of those rows, fake_class_label = 1100 = 1024 + 76, as its "no class" token, so ImageNet label
+    76 would collide with it, and 1000 labels plus "no class" do not fit the 1000 spare rows. Labels therefore
+    get their own table `class_emb` (num_classes x D, initialised N(0, .02) like the word embeddings), used at
+    position 0 instead of the word embedding; NO_CLASS keeps word_embeddings[fake_class_label]. The released
+    keys are untouched: an unconditional checkpoint loads with only class_emb.weight missing, and without
+    labels (or with NO_CLASS) the model computes exactly what the unconditional model computes. The logits
+    still span the whole vocabulary (the decoder projects onto word_embeddings), as in the release.
+    """
+    NO_CLASS = NO_CLASS
+
     def __init__(self, img_size=256, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False,
                  mask_ratio_min=0.5, mask_ratio_max=1.0, mask_ratio_mu=0.55, mask_ratio_std=0.25,
-                 vqgan_config="config/vqgan.yaml", vqgan_ckpt_path=None, dropout=0.1, drop_path=0.0):
+                 vqgan_config="config/vqgan.yaml", vqgan_ckpt_path=None, dropout=0.1, drop_path=0.0,
+                 class_cond=False, num_classes=1000):
         super().__init__()
         if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
             raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
@@ -241,6 +261,16 @@ class MaskedGenerativeEncoderViT(nn.Module):
         self.criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
         self.grad_checkpointing = False
         self.initialize_weights()
+
+        # Created last, so the other weights are those of the unconditional model under the same seed; absent
+        # without class_cond, so the released checkpoints and their key list stay as they are.
+        self.class_cond = class_cond
+        self.num_classes = num_classes if class_cond else 0
+        if class_cond:
+            if num_classes < 1:
+                raise ValueError(f"a class-conditional MAGE needs num_classes >= 1, got {num_classes}")
+            self.class_emb = nn.Embedding(num_classes, embed_dim)
+            nn.init.normal_(self.class_emb.weight, std=0.02)
 
     def initialize_weights(self):
         self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, True)[None])
@@ -308,16 +338,30 @@ class MaskedGenerativeEncoderViT(nn.Module):
         """(B, L) token ids -> (B, L + 1) with the class id in front."""
         return self.vocab.with_class_token(token_ids)
 
-    def encode_tokens(self, token_indices, token_drop_mask=None):
-        """token_indices (B, L+1) incl. class id and mask ids -> encoder output (B, kept, D)."""
-        x = self.token_emb(token_indices)  # (B, L+1, D)
+    def class_embeddings(self, labels):
+        """labels (B,) long in [0, num_classes) or NO_CLASS -> (B, D) embeddings of position 0, or None for
+        labels=None (every row gets fake_class_label's word embedding through the usual path)."""
+        if labels is None:
+            return None
+        if not self.class_cond:
+            raise ValueError("labels were given to an unconditional MAGE (build it with class_cond=True)")
+        labels = labels.long()
+        own = self.class_emb(labels.clamp(min=0))  # (B, D)
+        no_class = self.token_emb.word_embeddings.weight[self.fake_class_label].expand_as(own)
+        return torch.where((labels >= 0).unsqueeze(1), own, no_class)
+
+    def encode_tokens(self, token_indices, token_drop_mask=None, labels=None):
+        """token_indices (B, L+1) incl. class id and mask ids -> encoder output (B, kept, D).
+        labels (B,) replace the class id's embedding for a class-conditional model (see class_embeddings)."""
+        x = self.token_emb(token_indices, self.class_embeddings(labels))  # (B, L+1, D)
         if token_drop_mask is not None:
             bsz, _, dim = x.shape
             x = x[(1 - token_drop_mask).nonzero(as_tuple=True)].reshape(bsz, -1, dim)  # (B, kept, D)
         return self.norm(self.run_blocks(self.blocks, x))
 
-    def forward_encoder(self, imgs, gt_indices=None, masks=None, generator=None):
-        """Returns (encoder output (B, kept, D), gt_indices (B, L), token_drop_mask, token_all_mask)."""
+    def forward_encoder(self, imgs, gt_indices=None, masks=None, generator=None, labels=None):
+        """labels: (B,) class labels or NO_CLASS (class-conditional models only).
+        Returns (encoder output (B, kept, D), gt_indices (B, L), token_drop_mask, token_all_mask)."""
         if gt_indices is None:
             gt_indices = self.tokenize(imgs)
         bsz = gt_indices.shape[0]
@@ -326,7 +370,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
         token_drop_mask, token_all_mask = masks
         token_indices = self.with_class_token(gt_indices)
         token_indices = token_indices.masked_fill(token_all_mask.bool(), self.mask_token_label)
-        x = self.encode_tokens(token_indices, token_drop_mask)
+        x = self.encode_tokens(token_indices, token_drop_mask, labels)
         return x, gt_indices, token_drop_mask, token_all_mask
 
     def forward_decoder(self, x, token_drop_mask, token_all_mask):
@@ -350,18 +394,19 @@ class MaskedGenerativeEncoderViT(nn.Module):
         mask = mask[:, 1:]
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, gt_indices=None, masks=None, generator=None):
+    def forward(self, imgs, gt_indices=None, masks=None, generator=None, labels=None):
         latent, gt_indices, token_drop_mask, token_all_mask = self.forward_encoder(
-            imgs, gt_indices=gt_indices, masks=masks, generator=generator)
+            imgs, gt_indices=gt_indices, masks=masks, generator=generator, labels=labels)
         logits = self.forward_decoder(latent, token_drop_mask, token_all_mask)
         loss = self.forward_loss(gt_indices, logits, token_all_mask)
         return loss, imgs, token_all_mask
 
-    def predict_logits(self, token_ids):
-        """Generation step: token_ids (B, L) with mask ids at unknown positions -> codebook logits (B, L, K)."""
+    def predict_logits(self, token_ids, labels=None):
+        """Generation step: token_ids (B, L) with mask ids at unknown positions, optional labels (B,) (class or
+        NO_CLASS; class-conditional models) -> codebook logits (B, L, K)."""
         token_indices = self.with_class_token(token_ids)
         token_all_mask = (token_indices == self.mask_token_label).float()
-        x = self.encode_tokens(token_indices)
+        x = self.encode_tokens(token_indices, labels=labels)
         logits = self.forward_decoder(x, torch.zeros_like(token_all_mask), token_all_mask)
         return logits[:, 1:, :self.codebook_size]
 

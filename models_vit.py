@@ -1,4 +1,5 @@
 """ViT classifier on MAGE's token path (linear probe and fine-tuning), built on timm's VisionTransformer."""
+import argparse
 import logging
 from functools import partial
 
@@ -9,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models_mage import BertEmbeddings, MageAttention, TokenVocab, set_fused_attention
 from taming.models.vqgan import build_vqgan, token_grid_size
-from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint
+from util.checkpoint import CheckpointError, extract_model_state, load_checkpoint, load_state_dict_checked
 from util.pos_embed import interpolate_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -139,3 +140,27 @@ def load_mage_checkpoint_into_classifier(model, checkpoint, source=None):
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
         raise CheckpointError(f"{source} is not a MAGE checkpoint for {type(model).__name__}: missing keys: {shown}")
     return model.load_state_dict(state_dict, strict=False)
+
+
+def load_finetuned_classifier(path, model_name=None):
+    """A classifier fine-tuned by main_finetune.py (its checkpoint stores the training args) or a released
+    fine-tuned ViT ({'model': ...} only; then `model_name` names the preset, the classes come from the head and
+    the pooling from fc_norm). Returns (model with the weights loaded strictly, the args its evaluation needs:
+    model, nb_classes, global_pool, input_size, interpolation, no_normalize)."""
+    checkpoint = load_checkpoint(path)
+    state_dict = extract_model_state(checkpoint, path)
+    train_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if model_name is not None or train_args is None:
+        if model_name not in MODELS or "head.weight" not in state_dict:
+            raise CheckpointError(f"'{path}' is not a main_finetune.py checkpoint (no 'args'): name its preset, "
+                                  f"one of {sorted(MODELS)}, to read it as a released classifier")
+        train_args = argparse.Namespace(
+            model=model_name, nb_classes=state_dict["head.weight"].shape[0],
+            global_pool="fc_norm.weight" in state_dict, vqgan_config="", input_size=256,
+            interpolation="bicubic", no_normalize=False)  # main_finetune.py's evaluation defaults
+    elif not hasattr(train_args, "nb_classes") or train_args.model not in MODELS:
+        raise CheckpointError(f"'{path}' holds the args of another script, not of a main_finetune.py vit_* classifier")
+    kwargs = {"vqgan_config": train_args.vqgan_config} if train_args.vqgan_config else {}
+    model = MODELS[train_args.model](num_classes=train_args.nb_classes, global_pool=train_args.global_pool, **kwargs)
+    load_state_dict_checked(model, state_dict, source=path)
+    return model, train_args

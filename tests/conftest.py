@@ -3,14 +3,15 @@ import os
 import random
 import sys
 
-import pytest
-import torch
-from PIL import Image, ImageDraw
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO_ROOT, "tests", "data")
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+import util.env_setup  # noqa: E402,F401  (GOMP_SPINCOUNT before torch, inherited by the scripts tests start)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
 

@@ -1,7 +1,6 @@
 """MAGE-C contrastive branch: NT-Xent against a direct computation, gradients through the head, and the
 global batch across processes (2 gloo processes x b rows == 1 process x 2b rows)."""
 import math
-import os
 import time
 
 import numpy as np

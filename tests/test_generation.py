@@ -1,29 +1,34 @@
 """gen_img_uncond.py end to end on CPU: same files for any number of processes (same batch size and threads),
 resume after a kill, checkpoint errors before any work, FID evaluation written to metrics.json."""
-import argparse
 import glob
 import json
 import math
 import os
+import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, write_image_folder
-from gen_img_uncond import build_model, check_args, get_args_parser, prepare_folder
+import gen_img_uncond
+from conftest import draw_shape_image
+from gen_img_uncond import build_model, check_args, get_args_parser
+from train_support import kill_when_written
 from models_mage import mage_vit_tiny_patch16
+from train_support import run_torchrun
 from util.checkpoint import CheckpointError
 from util.errors import UsageError
+from util.fid import PIXEL_STATS, FidWeightsError, compute_metrics
+from util.generation import prepare_folder
 
 NUM_IMAGES = 8
 COMMON = ["--model", "mage_vit_tiny_patch16", "--num_images", str(NUM_IMAGES), "--num_iter", "3",
           "--device", "cpu", "--amp", "none"]
 RUN_NAME = "mage_tiny_temp4.5_iter3_seed0_none"
+
+# One torch thread, as in the torchrun and subprocess runs (OMP_NUM_THREADS=1): the files are compared byte
+# for byte across them.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +39,13 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
-def environment():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def parse(*argv):
+    return get_args_parser().parse_args([*COMMON, *map(str, argv)])
 
 
-def generate(args, launcher=(sys.executable,), check=True):
-    command = [*launcher, "gen_img_uncond.py", *COMMON, *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def generate(*argv):
+    """gen_img_uncond.py in this process (one process, like `python gen_img_uncond.py COMMON argv`)."""
+    gen_img_uncond.main(parse(*argv))
 
 
 def image_bytes(output_dir):
@@ -53,66 +55,64 @@ def image_bytes(output_dir):
 
 @pytest.fixture(scope="module")
 def reference_run(ckpt, tmp_path_factory):
-    """One process, batch 2, evaluated with the offline feature extractor against a small ImageFolder."""
+    """(output dir, reference folder): one process, batch 2, evaluated with the offline feature extractor
+    against a folder of shapes (varied enough for an inception score above 1, unlike the samples)."""
     root = tmp_path_factory.mktemp("gen")
-    references = write_image_folder(root / "refs", splits=(("val", 3),), size=64)
+    references = root / "refs"
+    os.makedirs(references)
+    rng = random.Random(0)
+    for k in range(20):
+        draw_shape_image(("ellipse", "rectangle")[k % 2], 64, rng).save(references / f"{k:05d}.png")
     output_dir = str(root / "single")
-    result = generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", output_dir, "--eval_fid",
-                       "--fid_ref", os.path.join(references, "val", "class_0_ellipse"),
-                       "--fid_feature_extractor", "mage-pixel-stats"])
-    return output_dir, result
+    generate("--ckpt", ckpt, "--batch_size", 2, "--output_dir", output_dir, "--eval_fid", "--fid_ref", references,
+             "--fid_feature_extractor", PIXEL_STATS)
+    return output_dir, str(references)
 
 
 def test_layout_grid_and_metrics(reference_run):
-    output_dir, _ = reference_run
+    output_dir, references = reference_run
     folder = os.path.join(output_dir, RUN_NAME)
     assert sorted(image_bytes(output_dir)) == [f"{k:05d}.png" for k in range(NUM_IMAGES)]
     assert os.path.isfile(os.path.join(folder, "grid.png"))
     with open(os.path.join(folder, "metrics.json")) as f:
         report = json.load(f)
-    assert report["metrics"]["frechet_inception_distance"] > 0
-    assert report["metrics"]["inception_score_mean"] >= 1.0
     assert report["settings"]["temp"] == 4.5 and report["num_images"] == NUM_IMAGES
+    # the metrics are those of the written images against --fid_ref
+    expected = compute_metrics(os.path.join(folder, "images"), references, feature_extractor=PIXEL_STATS)
+    for name in ("frechet_inception_distance", "inception_score_mean"):
+        assert report["metrics"][name] == pytest.approx(expected[name], rel=1e-5), name
 
 
-def test_rerun_skips_written_images(ckpt, reference_run):
+def test_rerun_skips_written_images(ckpt, reference_run, capsys):
     output_dir, _ = reference_run
     before = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(output_dir, RUN_NAME, "images", "*"))}
-    result = generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", output_dir])
-    assert "0 to generate" in result.stdout
+    generate("--ckpt", ckpt, "--batch_size", 2, "--output_dir", output_dir)
+    assert "0 to generate" in capsys.readouterr().out
     assert {f: os.path.getmtime(f) for f in before} == before
 
 
-def test_two_processes_write_the_same_files_as_one(ckpt, reference_run, tmp_path):
-    """Same per-process batch size (2), thread count (1) and device: the same bytes by construction, since
-    each batch holds the same images whatever the number of processes. Another batch size or thread count
-    may change some images (other matmul blocking), so no test compares across those."""
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path / "ranks2")], launcher=torchrun)
-    assert image_bytes(tmp_path / "ranks2") == image_bytes(reference_run[0])
 
 
+@pytest.mark.slow
+def test_same_files_for_two_processes(ckpt, reference_run, tmp_path):
+    run_torchrun("gen_img_uncond.py", [*COMMON, "--ckpt", ckpt, "--batch_size", 2, "--output_dir", tmp_path])
+    assert image_bytes(tmp_path) == image_bytes(reference_run[0])
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_files(ckpt, reference_run, tmp_path):
     args = ["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path)]  # the reference run's batch size
-    command = [sys.executable, "gen_img_uncond.py", *COMMON, *args]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     pattern = os.path.join(tmp_path, RUN_NAME, "images", "*.png")
-    deadline = time.time() + 120
-    while len(glob.glob(pattern)) < 2 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(glob.glob(pattern))
+    written = kill_when_written("gen_img_uncond.py", [*COMMON, *args], pattern, 2)
     assert 2 <= written < NUM_IMAGES, f"{written} images when killed"
-    generate(args)
+    generate(*args)
     assert image_bytes(tmp_path) == image_bytes(reference_run[0])
 
 
 def test_missing_inception_weights_fail_before_any_work(ckpt, tmp_path):
-    result = generate(["--ckpt", ckpt, "--output_dir", str(tmp_path / "out"), "--eval_fid", "--fid_ref",
-                       str(tmp_path), "--fid_weights", str(tmp_path / "inception.pth")], check=False)
-    assert result.returncode == 1 and "--fid_weights" in result.stderr and "download" in result.stderr
+    with pytest.raises(FidWeightsError, match="--fid_weights .*download"):
+        generate("--ckpt", ckpt, "--output_dir", tmp_path / "out", "--eval_fid", "--fid_ref", tmp_path,
+                 "--fid_weights", tmp_path / "inception.pth")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -154,10 +154,6 @@ def test_folder_of_other_weights_is_refused(reference_run):
         prepare_folder(folder, dict(settings, weights_sha256="0" * 16))
 
 
-def parse(*argv):
-    return get_args_parser().parse_args([*COMMON, *argv])
-
-
 def test_missing_or_mismatched_checkpoint_names_the_problem(ckpt, tmp_path):
     args = parse("--ckpt", str(tmp_path / "missing.pth"))
     args.device = torch.device("cpu")
@@ -191,4 +187,3 @@ def test_random_weights_need_an_explicit_flag():
     check_args(parse("--random_init"))
     with pytest.raises(UsageError, match="--fid_ref"):
         check_args(parse("--random_init", "--eval_fid"))
-    assert isinstance(parse("--random_init"), argparse.Namespace)

@@ -8,6 +8,7 @@ import torch
 from util import datasets
 from util.cli import add_runtime_args
 from util.crop import RandomResizedCrop
+from util.errors import UsageError
 from util.distributed import _read_launcher_env, all_reduce_mean, get_world_size, init_distributed_mode, is_main_process
 from util.metrics import MetricLogger
 from util.precision import NativeScalerWithGradNormCount, autocast
@@ -23,8 +24,7 @@ def runtime_parser():
 def test_old_launcher_local_rank_flag_is_accepted(flag):
     args = runtime_parser().parse_args([flag])
     assert args.local_rank == 1 and args.dist_url == "env://" and args.pin_mem
-    assert args.amp == ("bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16")
-    assert runtime_parser().parse_args(["--no_pin_mem"]).pin_mem is False
+    assert runtime_parser().parse_args(["--no-pin_mem"]).pin_mem is False
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -40,6 +40,25 @@ def test_launcher_environment_gives_rank_and_world_size(monkeypatch, env, expect
         monkeypatch.setenv(key, value)
     args = runtime_parser().parse_args([])
     assert _read_launcher_env(args) == expected
+
+
+def test_dist_on_itp_reads_openmpi_or_says_what_is_missing(monkeypatch):
+    for key in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    args = runtime_parser().parse_args(["--dist_on_itp"])
+    with pytest.raises(UsageError, match="OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK "
+                                         "is not set: start the script with mpirun"):
+        _read_launcher_env(args)
+    for key, value in {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16",
+                       "OMPI_COMM_WORLD_LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UsageError, match="needs MASTER_ADDR and MASTER_PORT"):
+        _read_launcher_env(args)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert _read_launcher_env(args) == (5, 16, 1)
+    assert _read_launcher_env(runtime_parser().parse_args([])) == (0, 1, 0)  # OpenMPI only with the flag
 
 
 def test_single_process_init_needs_no_launcher(monkeypatch):

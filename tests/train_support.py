@@ -1,10 +1,14 @@
-"""Helpers for the training-pipeline tests: a 32-pixel tokenizer config, texture data, script runners."""
+"""Helpers for the tests: a 32-pixel tokenizer config, texture data, and the one way to run a script or torchrun."""
+import glob
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -73,19 +77,62 @@ def parse(module, argv):
     return module.get_args_parser().parse_args(argv)
 
 
-def run_torchrun(script, argv, nproc=2, timeout=180):
-    """`torchrun --standalone --nproc_per_node=nproc script argv` (gloo on CPU). Returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+def script_env(**extra):
+    """The environment of a script run by a test: one OpenMP thread with a short spin-wait (on a shared CPU
+    the default spin-wait makes small steps 10x slower), the repository on PYTHONPATH."""
+    return dict(os.environ, OMP_NUM_THREADS="1", GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "10000"),
+                PYTHONPATH=REPO_ROOT, **extra)
+
+
+def _tail(text, chars=3000):
+    return text[-chars:] if text else ""
+
+
+def run_command(command, timeout=300, check=True, env=None, cwd=REPO_ROOT):
+    """Run `command` (a list) in its own process group; returns the CompletedProcess (text stdout/stderr).
+
+    On a timeout the whole group (torchrun's workers included) is killed and the test fails with the output's
+    tail; with check=True a non-zero exit fails the test with the command and the tail of stderr."""
+    process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env or script_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, command))}\n"
+                    f"--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if check:
+        assert result.returncode == 0, (f"exit code {result.returncode}: {' '.join(result.args)}\n"
+                                        f"--- stdout ---\n{_tail(stdout, 1500)}\n--- stderr ---\n{_tail(stderr)}")
+    return result
+
+
+def run_script(script, argv, timeout=300, check=True, env=None, cwd=REPO_ROOT):
+    """`python script argv` in a fresh process (script relative to the repository root)."""
+    return run_command([sys.executable, os.path.join(REPO_ROOT, script), *argv], timeout, check, env, cwd)
+
+
+def run_torchrun(script, argv, nproc=2, timeout=300, check=True, env=None, cwd=REPO_ROOT):
+    """`torchrun --standalone --nproc_per_node=nproc script argv` (gloo on CPU). --standalone lets the
+    rendezvous pick a free port, so parallel test runs never collide."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(REPO_ROOT, script), *map(str, argv)]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+               os.path.join(REPO_ROOT, script), *argv]
+    return run_command(command, timeout, check, env, cwd)
 
 
-def run_script(script, argv, timeout=120):
-    """`python script argv` in a fresh process. Returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+def kill_when_written(script, argv, pattern, count, timeout=120):
+    """Start `python script argv` (one thread), SIGKILL it as soon as `count` files match the glob `pattern`
+    (or when it ends first). Returns the number of matching files after the kill."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, script), *map(str, argv)], cwd=REPO_ROOT,
+                               env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while len(glob.glob(pattern)) < count and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(glob.glob(pattern))
 
 
 def model_state(path):

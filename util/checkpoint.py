@@ -108,6 +108,18 @@ def load_state_dict_checked(model, state_dict, source="checkpoint", allowed_miss
     return result, ignored
 
 
+def load_mage_weights(model, state_dict, source, tokenizer_given=False, allowed_missing=()):
+    """Load a MAGE checkpoint's state dict into a MAGE model: every key checked, the heads of MAGE-C logged and
+    ignored. tokenizer_given: the model's tokenizer weights came from --vqgan_ckpt, so the checkpoint's
+    vqgan.* are ignored (and may be absent)."""
+    if tokenizer_given:
+        logger.warning("%s: tokenizer weights from --vqgan_ckpt; ignoring the checkpoint's vqgan.*", source)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vqgan.")}
+        allowed_missing = (*allowed_missing, "vqgan.")
+    return load_state_dict_checked(model, state_dict, source=source, allowed_missing=allowed_missing,
+                                   ignore_foreign_modules=True)
+
+
 def write_atomic(path, write, sync=True):
     """Write `path` through `write(file)` (a binary file) into a hidden temporary file in the same folder, then
     rename it over `path`. A crash at any point leaves either the previous file or the new one, never a
@@ -181,6 +193,11 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
             paths.append(path)
     barrier()
     return paths
+
+
+def checkpoint_path(args):
+    """output_dir/checkpoint-last.pth when the run writes checkpoints, else ''."""
+    return os.path.join(args.output_dir, CHECKPOINT_LAST) if getattr(args, "output_dir", "") else ""
 
 
 def args_for_checkpoint(args):

@@ -1,30 +1,30 @@
 """Command-line pieces shared by the scripts: the runtime and checkpoint flag groups, and `run_script`, which
-turns the scripts' errors into one-line messages."""
+turns the scripts' errors into one-line messages. The speed flags are in util/perf.py."""
+import argparse
 import builtins
 import sys
 
 import torch
 
 from util.errors import CheckpointError, TrainingError, UsageError
-from util.precision import default_amp
 
 
-def add_runtime_args(parser):
-    """Device, seed, mixed precision, data loading and distributed flags (reference names)."""
+def add_runtime_args(parser, data_loader=True):
+    """Device, seed, data loading (scripts with a DataLoader) and distributed flags (reference names)."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="'cuda' or 'cpu'; each process uses cuda:LOCAL_RANK under a launcher")
     group.add_argument("--seed", default=0, type=int)
-    group.add_argument("--amp", default=default_amp(), choices=("bf16", "fp16", "none"),
-                       help="autocast dtype (fp16 adds a GradScaler; attention softmax stays float32)")
-    group.add_argument("--num_workers", default=10, type=int)
-    group.add_argument("--pin_mem", action="store_true", default=True,
-                       help="pin CPU memory in the DataLoader for faster transfer to the GPU")
-    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    group.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    if data_loader:
+        group.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes")
+        group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                           help="pin CPU memory in the DataLoader for faster transfer to the GPU")
     group.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                        help="set by torch.distributed.launch; torchrun passes LOCAL_RANK instead")
     group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    group.add_argument("--dist_on_itp", action="store_true",
+                       help="take rank, world size and local rank from OpenMPI (OMPI_COMM_WORLD_RANK, _SIZE, "
+                            "_LOCAL_RANK; start with mpirun and set MASTER_ADDR / MASTER_PORT)")
     return group
 
 
@@ -32,7 +32,8 @@ def add_checkpoint_args(parser, save_every):
     """Output, tensorboard and resume flags."""
     group = parser.add_argument_group("checkpoints and logs")
     group.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' for none)")
-    group.add_argument("--log_dir", default="./output_dir", help="tensorboard folder ('' for none)")
+    group.add_argument("--log_dir", default=None,
+                       help="tensorboard folder (default: --output_dir; '' for no tensorboard events)")
     group.add_argument("--save_every", default=save_every, type=int,
                        help="also keep checkpoint-N.pth every this many epochs (checkpoint-last.pth is every epoch)")
     group.add_argument("--resume", default="", help="checkpoint file, or an output folder (its checkpoint-last.pth)")

@@ -121,8 +121,8 @@ def linprobe_train_transform(input_size):
 
 
 def finetune_mean_std(args):
-    """ImageNet mean/std (the reference) or identity with --no_normalize."""
-    if args.no_normalize:
+    """ImageNet mean/std (the reference) or identity with --no-normalize."""
+    if not args.normalize:
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 

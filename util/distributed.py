@@ -1,4 +1,4 @@
-"""Distributed set-up (torchrun, SLURM or a single process), rank queries, collectives and DDP wrapping."""
+"""Distributed set-up (torchrun, SLURM, OpenMPI or a single process), rank queries, collectives and DDP wrapping."""
 import builtins
 import contextlib
 import datetime
@@ -7,6 +7,8 @@ import subprocess
 
 import torch
 import torch.distributed as dist
+
+from util.errors import UsageError
 
 
 def setup_for_distributed(is_master):
@@ -31,8 +33,27 @@ def _slurm_master_addr():
     return hosts.stdout.split()[0]
 
 
+OPENMPI_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def _read_openmpi_env(args):
+    """(rank, world_size, local_rank) from OpenMPI's environment (--dist_on_itp, as in the reference)."""
+    missing = [name for name in OPENMPI_VARS if name not in os.environ]
+    if missing:
+        raise UsageError(f"--dist_on_itp reads the process layout from OpenMPI, but {', '.join(missing)} "
+                         "is not set: start the script with mpirun, or drop --dist_on_itp (torchrun and SLURM "
+                         "are detected without a flag)")
+    if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise UsageError("--dist_on_itp with --dist_url env:// needs MASTER_ADDR and MASTER_PORT (the address "
+                         "and a free port of the rank-0 host), or pass --dist_url tcp://HOST:PORT")
+    return tuple(int(os.environ[name]) for name in OPENMPI_VARS)
+
+
 def _read_launcher_env(args):
-    """(rank, world_size, local_rank) from torchrun / torch.distributed.launch, SLURM, or a lone process."""
+    """(rank, world_size, local_rank) from OpenMPI (--dist_on_itp), torchrun / torch.distributed.launch,
+    SLURM, or a lone process."""
+    if getattr(args, "dist_on_itp", False):
+        return _read_openmpi_env(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", max(getattr(args, "local_rank", 0), 0)))
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank

@@ -162,31 +162,33 @@ def register_pixel_stats_extractor():
     return PIXEL_STATS
 
 
-def count_images(folder):
-    return sum(1 for name in os.listdir(folder) if name.lower().endswith((".png", ".jpg", ".jpeg")))
+def count_images(folder, recursive=False):
+    names = [n for _, _, files in os.walk(folder) for n in files] if recursive else os.listdir(folder)
+    return sum(1 for name in names if name.lower().endswith((".png", ".jpg", ".jpeg")))
 
 
 def compute_metrics(generated_dir, reference_dir, device="cpu", isc=True, fid=True, kid=False, prc=False,
-                    weights_path=None, feature_extractor=INCEPTION, batch_size=64, verbose=False):
-    """torch_fidelity.calculate_metrics on two flat image folders -> {metric name: float}.
+                    weights_path=None, feature_extractor=INCEPTION, batch_size=64, verbose=False, recursive=False):
+    """torch_fidelity.calculate_metrics on two image folders -> {metric name: float}; flat folders, or with
+    recursive=True the images of their subfolders too (e.g. one folder per class).
 
     With the Inception extractor the weights come from `resolve_inception_weights(weights_path)`; precision /
     recall then use the same Inception pool features (torch-fidelity's default for them would be VGG-16).
     """
     for folder in (generated_dir, reference_dir):
-        if not os.path.isdir(folder) or count_images(folder) == 0:
+        if not os.path.isdir(folder) or count_images(folder, recursive) == 0:
             raise FileNotFoundError(f"'{folder}' is not a folder of PNG/JPEG images")
     kwargs = dict(input1=generated_dir, input2=reference_dir, cuda=torch.device(device).type == "cuda",
                   isc=isc, fid=fid, kid=kid, prc=prc, batch_size=batch_size, verbose=verbose, cache=False,
-                  samples_find_deep=False, feature_extractor=feature_extractor)
+                  samples_find_deep=recursive, feature_extractor=feature_extractor)
     if feature_extractor == INCEPTION:
         kwargs["feature_extractor_weights_path"] = resolve_inception_weights(weights_path)
         kwargs["feature_layer_prc"] = "2048"
     elif feature_extractor == PIXEL_STATS:
         register_pixel_stats_extractor()
-    kwargs["isc_splits"] = min(10, count_images(generated_dir))
+    kwargs["isc_splits"] = min(10, count_images(generated_dir, recursive))
     if kid:
-        smallest = min(count_images(generated_dir), count_images(reference_dir))
+        smallest = min(count_images(generated_dir, recursive), count_images(reference_dir, recursive))
         kwargs["kid_subset_size"] = min(1000, smallest)
     metrics = torch_fidelity.calculate_metrics(**kwargs)
     return {name: float(value) for name, value in metrics.items()}

@@ -114,13 +114,21 @@ class MetricLogger:
         print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)")
 
 
+def tensorboard_dir(args):
+    """--log_dir, or --output_dir when --log_dir is not given (as the reference, which sets one to the other);
+    '' for no tensorboard events."""
+    log_dir = getattr(args, "log_dir", None)
+    return getattr(args, "output_dir", "") if log_dir is None else log_dir
+
+
 def make_log_writer(args):
-    """A tensorboard SummaryWriter on rank 0 when --log_dir is set, else None."""
-    if not is_main_process() or not getattr(args, "log_dir", ""):
+    """A tensorboard SummaryWriter in tensorboard_dir(args) on rank 0, or None when that is ''."""
+    log_dir = tensorboard_dir(args)
+    if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported lazily: only rank 0 with a log_dir needs it
-    os.makedirs(args.log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=args.log_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=log_dir)
 
 
 def append_log(args, stats):
@@ -129,3 +137,18 @@ def append_log(args, stats):
         return
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
+
+
+def epoch_history(args, first_epoch, new_epochs):
+    """The per-epoch stats of a whole run: output_dir/log.txt's lines for the epochs before `first_epoch`
+    (what the earlier process of a resumed run wrote; the latest line of each epoch), then `new_epochs`.
+    Only rank 0 reads log.txt: other ranks get `new_epochs` alone."""
+    earlier = {}
+    path = os.path.join(getattr(args, "output_dir", "") or "", "log.txt")
+    if first_epoch > 0 and is_main_process() and args.output_dir and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                stats = json.loads(line)
+                if stats.get("epoch", first_epoch) < first_epoch:
+                    earlier[stats["epoch"]] = stats
+    return [earlier[epoch] for epoch in sorted(earlier)] + list(new_epochs)

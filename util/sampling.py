@@ -8,6 +8,10 @@ import math
 
 import torch
 
+from util.seeding import derive_seed
+
+CFG_SCHEDULES = ("constant", "linear")
+
 
 def mask_len_table(num_iter, seq_len, device):
     """(num_iter, seq_len + 1) long: entry [t, n] = floor(n * cos(pi/2 * (t+1)/num_iter)).
@@ -33,6 +37,47 @@ def image_generators(seed, indices, device):
     return generators
 
 
+def class_image_generators(seed, class_ids, indices, device):
+    """One generator per (class c, image k) pair, seeded from (seed, c, k): image k of class c is the same
+    whatever the batch, the other classes asked for or the number of processes."""
+    if not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    generators = []
+    for class_id, index in zip(class_ids, indices):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(derive_seed(seed, class_id, index))
+        generators.append(generator)
+    return generators
+
+
+def guidance_scale(cfg, cfg_schedule, step, num_iter):
+    """Guidance weight of decoding step `step`: cfg, or cfg * (step + 1) / num_iter for the linear ramp of
+    MUSE / MAR / RCG (weak guidance while the layout is decided, full guidance for the last tokens)."""
+    if cfg_schedule == "constant":
+        return cfg
+    if cfg_schedule == "linear":
+        return cfg * (step + 1) / num_iter
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got '{cfg_schedule}'")
+
+
+def guided_logits(model, ids, labels=None, cfg=0.0):
+    """Codebook logits (B, L, K) in float32 for token ids (B, L).
+
+    Without labels: the model's unconditional logits. With labels (B,) and cfg = 0: the conditional logits.
+    With cfg != 0: conditional and unconditional (NO_CLASS) rows go through ONE forward of 2B rows, and
+    logits = cond + cfg * (cond - uncond) (classifier-free guidance as in MUSE/MAR; Halton-MaskGIT's
+    (1 + w) cond - w uncond is the same formula).
+    """
+    if labels is None:
+        return model.predict_logits(ids).float()
+    if cfg == 0:
+        return model.predict_logits(ids, labels).float()
+    no_class = torch.full_like(labels, model.NO_CLASS)
+    both = model.predict_logits(torch.cat([ids, ids]), torch.cat([labels, no_class])).float()  # (2B, L, K)
+    cond, uncond = both.chunk(2)
+    return cond + cfg * (cond - uncond)
+
+
 def _uniform(generator, bsz, shape, device):
     """Uniform [tiny, 1) noise of (bsz, *shape): one draw per row from its own generator, or one batched draw."""
     if isinstance(generator, (list, tuple)):
@@ -50,7 +95,8 @@ def _gumbel(uniform):
 
 
 @torch.no_grad()
-def iterative_decode(model, token_ids, num_iter=12, temperature=4.5, generator=None, return_history=False):
+def iterative_decode(model, token_ids, num_iter=12, temperature=4.5, generator=None, return_history=False,
+                     labels=None, cfg=0.0, cfg_schedule="constant"):
     """MAGE iterative decoding (SPEC "Unconditional generation"), starting from `token_ids`.
 
     token_ids: (B, L) long; positions holding `model.mask_token_label` are unknown (all of them for
@@ -60,6 +106,9 @@ def iterative_decode(model, token_ids, num_iter=12, temperature=4.5, generator=N
     as confidence (+inf on known positions), and masks again the mask_len least confident positions after
     adding Gumbel noise scaled by temperature * (1 - ratio), where per row
     mask_len = clamp(floor(N * cos(pi/2 * ratio)), 1, #unknown - 1) and N is the row's initial unknown count.
+    labels: (B,) long class labels (NO_CLASS for none) for a class-conditional model; cfg the guidance scale
+    w, constant or ramped by cfg_schedule (see guidance_scale and guided_logits). The sampling noise is the
+    same with and without guidance: only the logits change.
     Returns the final token ids (B, L); with return_history also the list of token ids after each step.
     The model runs in eval mode (restored afterwards); wrap the call in autocast for mixed precision.
     """
@@ -67,14 +116,21 @@ def iterative_decode(model, token_ids, num_iter=12, temperature=4.5, generator=N
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, token_ids, num_iter, temperature, generator, return_history)
+        return _decode(model, token_ids, num_iter, temperature, generator, return_history, labels, cfg,
+                       cfg_schedule)
     finally:
         model.train(was_training)
 
 
-def _decode(model, token_ids, num_iter, temperature, generator, return_history):
+def _decode(model, token_ids, num_iter, temperature, generator, return_history, labels, cfg, cfg_schedule):
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got '{cfg_schedule}'")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=token_ids.device)
+        if labels.shape != token_ids.shape[:1]:
+            raise ValueError(f"need one label per row: {tuple(labels.shape)} labels for {token_ids.shape[0]} rows")
     mask_id = model.mask_token_label
     ids = token_ids.long().clone()
     bsz, seq_len = ids.shape
@@ -84,7 +140,7 @@ def _decode(model, token_ids, num_iter, temperature, generator, return_history):
     history = []
     for step in range(num_iter):
         unknown = ids == mask_id
-        logits = model.predict_logits(ids).float()  # (B, L, K)
+        logits = guided_logits(model, ids, labels, guidance_scale(cfg, cfg_schedule, step, num_iter))  # (B, L, K)
         noise = _uniform(generator, bsz, (seq_len, logits.shape[-1] + 1), device)
         sampled = (logits + _gumbel(noise[..., :-1])).argmax(dim=-1)
         sampled = torch.where(unknown, sampled, ids)
@@ -112,10 +168,13 @@ def decode_tokens(model, token_ids):
     return model.vqgan.decode_code(token_ids, model.grid_size).float().clamp(0.0, 1.0)
 
 
-def generate_images(model, num_images, num_iter=12, temperature=4.5, generator=None):
-    """Unconditional samples (num_images, 3, H, W) in [0, 1], e.g. for the pre-training image grid."""
+def generate_images(model, num_images, num_iter=12, temperature=4.5, generator=None, labels=None, cfg=0.0,
+                    cfg_schedule="constant"):
+    """Samples (num_images, 3, H, W) in [0, 1], e.g. for the pre-training image grid: unconditional, or of
+    the given labels (num_images,) with guidance cfg (class-conditional models)."""
     model = getattr(model, "module", model)
     device = next(model.parameters()).device
     ids = torch.full((num_images, model.seq_len), model.mask_token_label, dtype=torch.long, device=device)
-    ids = iterative_decode(model, ids, num_iter=num_iter, temperature=temperature, generator=generator)
+    ids = iterative_decode(model, ids, num_iter=num_iter, temperature=temperature, generator=generator,
+                           labels=labels, cfg=cfg, cfg_schedule=cfg_schedule)
     return decode_tokens(model, ids)

@@ -9,6 +9,8 @@ can be regenerated alone.
     python -m util.synthetic_data --output_dir data/shapes            # 8 classes, 32x32, 500/60 per class
     python -m util.synthetic_data --output_dir data/shapes --baseline # also fit the raw-pixel linear probe
 """
+import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
+
 import argparse
 import glob
 import json
@@ -151,13 +153,24 @@ def generate(output_dir, num_train=500, num_val=60, size=32, num_classes=len(CLA
     return info
 
 
-def load_split_arrays(root, split):
-    """All images of root/split as (float tensor (N, 3*H*W) in [0, 1], long labels (N,)), ImageFolder order."""
+def _read_split(root, split):
+    """uint8 (N, H, W, 3) images and long labels (N,) of root/split, ImageFolder order."""
     from torchvision.datasets import ImageFolder
     dataset = ImageFolder(os.path.join(root, split))
     images = np.stack([np.asarray(dataset.loader(path), dtype=np.uint8) for path, _ in dataset.samples])
-    features = torch.from_numpy(images).float().div_(255).flatten(1)
-    return features, torch.tensor(dataset.targets)
+    return torch.from_numpy(images), torch.tensor(dataset.targets)
+
+
+def load_split_arrays(root, split):
+    """All images of root/split as (float tensor (N, H*W*3) in [0, 1], long labels (N,)), ImageFolder order."""
+    images, labels = _read_split(root, split)
+    return images.float().div_(255).flatten(1), labels
+
+
+def load_split_images(root, split):
+    """All images of root/split as (float tensor (N, 3, H, W) in [0, 1], long labels (N,)), ImageFolder order."""
+    images, labels = _read_split(root, split)
+    return images.permute(0, 3, 1, 2).float().div_(255).contiguous(), labels
 
 
 def fit_linear_probe(train_x, train_y, val_x, val_y, weight_decays=(1e-4, 1e-3, 1e-2), steps=100):

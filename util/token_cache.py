@@ -50,6 +50,13 @@ def read_meta(cache_dir):
         return json.load(f)
 
 
+def num_classes(cache_dir):
+    """1 + the largest class label stored in the cache."""
+    meta = read_meta(cache_dir)
+    paths = [shard_paths(cache_dir, rank)["labels"] for rank in range(meta["world_size"])]
+    return 1 + max((int(np.load(p).max(initial=-1)) for p in paths if os.path.isfile(p)), default=-1)
+
+
 class CachedTokenDataset(torch.utils.data.Dataset):
     """Token ids of one view per image and epoch: item i of epoch e is view hash(seed, e, i) mod K."""
 

@@ -1,4 +1,5 @@
 """The VQGAN tokenizer as a plain nn.Module (MaskGIT variant: no quant_conv / post_quant_conv)."""
+import contextlib
 import os
 
 import torch
@@ -22,19 +23,32 @@ class VQModel(nn.Module):
         self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=0.25)
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
         self.compute_dtype = torch.float32
+        self.follow_autocast = True  # trained like any module; set_inference_mode() pins a frozen one
         self.memory_format = torch.contiguous_format
         # Checkpoints always hold float32 weights, whatever dtype the frozen tokenizer computes in.
         self._register_state_dict_hook(_state_dict_in_float32)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path)
 
-    def set_inference_mode(self, dtype=torch.float32, channels_last=False):
-        """Fast path for the frozen tokenizer: weights in `dtype` (e.g. bfloat16, so GroupNorm and the
-        convolutions run natively without autocast casts) and channels_last memory layout. Codes are still
-        chosen by float32 distances. float32 + contiguous is the reference numerics."""
+    def set_inference_mode(self, dtype=torch.float32, channels_last=False, follow_autocast=False):
+        """Precision and layout of the frozen tokenizer.
+
+        float32 (the default): the tokenizer computes in float32 even inside an autocast region, so its codes
+        do not depend on the script's --amp. follow_autocast=True keeps float32 weights but lets a surrounding
+        autocast run the convolutions (the reference trained under fp16 autocast this way). bfloat16 / float16:
+        weights in that dtype, so GroupNorm and the convolutions run natively (fast, ~2 % of codes change).
+        Codes are always chosen by float32 distances; checkpoints always hold float32.
+        """
         self.compute_dtype = dtype
+        self.follow_autocast = follow_autocast
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return self.to(dtype=dtype, memory_format=self.memory_format)
+
+    def precision(self, x):
+        """The autocast state the tokenizer computes in: autocast off for float32 unless following it."""
+        if self.compute_dtype == torch.float32 and not self.follow_autocast:
+            return torch.autocast(x.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     def init_from_ckpt(self, path):
         """Strict load of a tokenizer file: `{'state_dict': sd}` (the release) or a bare state dict."""
@@ -44,11 +58,13 @@ class VQModel(nn.Module):
 
     def encode(self, x):
         # x: (B, 3, H, W) in [0, 1] -> quant (B, C, h, w), emb_loss, (perplexity, min_encodings, indices)
-        return self.quantize(self.encoder(x.to(self.compute_dtype, memory_format=self.memory_format)))
+        with self.precision(x):
+            return self.quantize(self.encoder(x.to(self.compute_dtype, memory_format=self.memory_format)))
 
     def decode(self, quant):
         # quant: (B, C, h, w) -> (B, 3, H, W) float32, roughly in [0, 1]
-        return self.decoder(quant.to(self.compute_dtype, memory_format=self.memory_format)).float()
+        with self.precision(quant):
+            return self.decoder(quant.to(self.compute_dtype, memory_format=self.memory_format)).float()
 
     def decode_code(self, indices, grid_size):
         """indices: (B, h*w) token ids -> images (B, 3, H, W)."""
@@ -104,9 +120,11 @@ def token_grid_size(vqgan_config):
 
 
 def build_vqgan(config, ckpt_path=None):
-    """A frozen tokenizer in eval mode from a config path or mapping, optionally loading a checkpoint."""
+    """A frozen tokenizer in eval mode, computing in float32 (see set_inference_mode), from a config path or
+    mapping, optionally loading a checkpoint."""
     settings = load_vqgan_config(config)
     vqgan = VQModel(settings["ddconfig"], settings["n_embed"], settings["embed_dim"], ckpt_path=ckpt_path)
     vqgan.eval()
     vqgan.requires_grad_(False)
+    vqgan.set_inference_mode()
     return vqgan, settings
