@@ -31,7 +31,6 @@ from util.checkpoint import save_json_atomic
 from util.errors import UsageError
 from util.precision import autocast
 from util.run import setup_run
-from util.perf import tokenizer_dtype
 from util.sampling import CFG_SCHEDULES, class_image_generators, decode_tokens, iterative_decode
 
 GRID_CLASSES = 16
@@ -54,7 +53,9 @@ def get_args_parser():
     sampling.add_argument("--temp", default=4.5, type=float, help="choice temperature")
     sampling.add_argument("--num_iter", default=12, type=int, help="decoding steps")
     sampling.add_argument("--batch_size", default=32, type=int,
-                          help="images per forward pass per process (guidance doubles the rows of a pass)")
+                          help="images per forward pass per process (guidance doubles the rows of a pass); the files "
+                               "are the same for the same batch size, thread count and device kind (another "
+                               "batch size may change some images)")
     sampling.add_argument("--output_dir", default="output_dir")
     evaluation = generation.add_fid_args(parser)
     evaluation.add_argument("--eval_classifier", default="",
@@ -97,7 +98,7 @@ def settings_of(args, model, class_ids):
             "num_images_per_class": args.num_images_per_class, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
             "temp": args.temp, "num_iter": args.num_iter, "seed": args.seed, "amp": args.amp,
             "device_type": args.device.type, "fused_attn": args.fused_attn,
-            "tokenizer_dtype": str(tokenizer_dtype(args, args.device)), "channels_last": args.channels_last}
+            "tokenizer_dtype": args.tokenizer_dtype, "channels_last": args.channels_last}
 
 
 def run_folder(args):
