@@ -9,13 +9,15 @@ from util.metrics import append_log, epoch_history, make_log_writer
 from util.seeding import derive_seed, seed_everything
 
 
-def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scaler, evaluate_epoch=None):
+def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scaler, evaluate_epoch=None,
+        progress=None):
     """Run epochs args.start_epoch .. args.epochs - 1 and return (history, the last epoch's test stats).
 
     Each epoch: set the sampler's and dataset's epoch and seed the global RNGs from (seed, epoch, rank), so that
     a resumed run continues exactly as an uninterrupted one; `train_epoch(epoch, log_writer)` -> train stats;
-    save checkpoint-last.pth (and checkpoint-N.pth, see util.checkpoint.save_model) of `checkpoint_model`;
-    `evaluate_epoch(epoch, log_writer)` -> test stats, when given; one log.txt line
+    `evaluate_epoch(epoch, log_writer)` -> test stats, when given (it may update `progress`); save
+    checkpoint-last.pth (and checkpoint-N.pth, see util.checkpoint.save_model) of `checkpoint_model` with the
+    `progress` dict's entries (e.g. the best accuracy so far, so that a resume continues it); one log.txt line
     {train_*, test_*, epoch}; flush tensorboard. The tensorboard writer (rank 0, --log_dir) and the process
     group are closed at the end, also when an epoch fails. `history` is util.metrics.epoch_history: log.txt's
     lines of the whole run, the epochs of an earlier process of a resumed run included.
@@ -29,9 +31,9 @@ def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scale
             set_epoch(loader_train, epoch)
             seed_everything(derive_seed(args.seed, epoch, get_rank()))
             train_stats = train_epoch(epoch, log_writer)
-            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler)
             if evaluate_epoch is not None:
                 test_stats = evaluate_epoch(epoch, log_writer)
+            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler, extra=progress)
             new_epochs.append({**{f"train_{k}": v for k, v in train_stats.items()},
                                **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
             append_log(args, new_epochs[-1])
