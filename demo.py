@@ -47,6 +47,7 @@ from util import judge, plots, synthetic_data
 from util.checkpoint import save_json_atomic
 from util.errors import CheckpointError, TrainingError, UsageError
 from util.fid import INCEPTION, FidWeightsError, compute_metrics, inception_cache_path, resolve_inception_weights
+from util.output_dir import DirectoryLock, OutputDirError, check_writable_folder
 from util.precision import autocast, default_amp
 
 # Settings of each stage. The tokenizer gets main_tokenizer.py's recipe for config/vqgan_demo.yaml plus
@@ -521,10 +522,19 @@ def check_fid_weights(args):
 
 def main(args):
     check_fid_weights(args)
-    ctx = Context(args)
-    print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {ctx.device}, {ctx.resolution}x"
-          f"{ctx.resolution} images, output in {ctx.out}")
-    return run(ctx)
+    try:
+        check_writable_folder(args.output_dir)
+        ctx = Context(args)
+        os.makedirs(ctx.out, exist_ok=True)
+        lock = DirectoryLock(ctx.out).acquire()  # a second demo writing into the same folder is refused
+    except OutputDirError as err:
+        raise SystemExit(f"demo: {err}") from None
+    try:
+        print(f"MAGE demo: {'quick' if args.quick else 'default'} run on {ctx.device}, {ctx.resolution}x"
+              f"{ctx.resolution} images, output in {ctx.out}")
+        return run(ctx)
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ from util.checkpoint import write_atomic
 from util.cli import add_runtime_args, run_script
 from util.distributed import cleanup_distributed
 from util.errors import UsageError
+from util.generation import check_sampling_args
+from util.images import image_size, open_grey, open_rgb
+from util.output_dir import open_output_dir
 from util.precision import autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -93,6 +96,7 @@ def outpaint_margins(args, resolution):
 
 def check_edit_args(args):
     check_model_args(args)
+    check_sampling_args(args)
     has_region = args.box is not None or bool(args.mask_image)
     if args.mode == "inpaint" and args.box is not None and args.mask_image:
         raise UsageError("give either --box or --mask_image, not both")
@@ -104,7 +108,20 @@ def check_edit_args(args):
         raise UsageError("--outpaint / --outpaint_pixels only apply to --mode outpaint")
     if args.box is not None and not (args.box[0] < args.box[2] and args.box[1] < args.box[3]):
         raise UsageError(f"--box {args.box}: need x0 < x1 and y0 < y1")
-    list_images(args.input)
+    if args.mask_image and not os.path.exists(args.mask_image):
+        raise UsageError(f"--mask_image '{args.mask_image}' does not exist")
+    for path in list_images(args.input):
+        size = checked_size(path)
+        if args.mask_image:
+            read_mask(mask_file(args, path), size, path)
+
+
+def checked_size(path):
+    """(width, height) of an image file from its header; UsageError when it is not a readable image."""
+    try:
+        return image_size(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"cannot read image '{path}': {err}") from None
 
 
 def fit(img, height, width, interpolation=InterpolationMode.BILINEAR):
@@ -118,29 +135,70 @@ def fit(img, height, width, interpolation=InterpolationMode.BILINEAR):
     return TF.center_crop(img, [height, width])
 
 
-def region_image(args, img, path):
+def mask_file(args, path):
+    """The --mask_image file for input `path`: the file itself, or the file of the same name in the folder."""
+    if not os.path.isdir(args.mask_image):
+        return args.mask_image
+    stem = os.path.splitext(os.path.basename(path))[0]
+    candidates = [n for n in sorted(os.listdir(args.mask_image)) if os.path.splitext(n)[0] == stem]
+    if not candidates:
+        raise UsageError(f"no mask named '{stem}.*' in '{args.mask_image}' for input '{path}'")
+    return os.path.join(args.mask_image, candidates[0])
+
+
+def read_mask(mask_path, size, path):
+    """The mask as an 'L' image of the input's size `size` (255 = regenerate: grey levels above 127).
+
+    UsageError for a file that is not an image, a mask without any white pixel, and a mask whose aspect ratio
+    differs from the input's (it cannot be meant for that image); a mask of the same aspect ratio but another
+    size is resized to the input's size (nearest neighbour)."""
+    try:
+        mask = open_grey(mask_path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"mask '{mask_path}' is not a readable image: {err}") from None
+    mask = mask.point(lambda v: 255 if v > 127 else 0)
+    if mask.getextrema()[1] == 0:
+        raise UsageError(f"mask '{mask_path}' is all black: nothing to regenerate (white = regenerate)")
+    if mask.size != size:
+        if abs(mask.width * size[1] - mask.height * size[0]) > 0.01 * mask.height * size[1]:
+            raise UsageError(f"mask '{mask_path}' is {mask.width}x{mask.height} but image '{path}' is "
+                             f"{size[0]}x{size[1]}: give a mask of the image's size (white = regenerate)")
+        mask = mask.resize(size, Image.NEAREST)
+    return mask
+
+
+def region_image(args, size, path):
     """The inpainting region as an 'L' image of the input's size (255 = regenerate)."""
     if args.box is not None:
-        region = Image.new("L", img.size, 0)
+        region = Image.new("L", size, 0)
         x0, y0, x1, y1 = args.box
         ImageDraw.Draw(region).rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
         return region
-    mask_path = args.mask_image
-    if os.path.isdir(mask_path):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        candidates = [n for n in sorted(os.listdir(mask_path)) if os.path.splitext(n)[0] == stem]
-        if not candidates:
-            raise UsageError(f"no mask named '{stem}.*' in '{mask_path}' for input '{path}'")
-        mask_path = os.path.join(mask_path, candidates[0])
-    with Image.open(mask_path) as mask:
-        mask = mask.convert("L").point(lambda v: 255 if v > 127 else 0)
-    return mask.resize(img.size, Image.NEAREST) if mask.size != img.size else mask
+    return read_mask(mask_file(args, path), size, path)
+
+
+def pixel_region(args, size, path, resolution):
+    """(R, R) bool: the inpainting region after the input's resize and center crop (True = regenerate)."""
+    # Box resampling: a canvas pixel is masked iff its footprint in the input overlaps a masked input pixel.
+    region = fit(region_image(args, size, path), resolution, resolution, interpolation=InterpolationMode.BOX)
+    pixel_mask = TF.to_tensor(region)[0] > 0
+    if not pixel_mask.any():
+        raise UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
+    return pixel_mask
+
+
+def check_regions(args, paths, resolution):
+    """The checks that need the model's resolution, for every input before anything is written."""
+    if args.mode == "outpaint":
+        outpaint_margins(args, resolution)
+    elif args.mode == "inpaint":
+        for path in paths:
+            pixel_region(args, checked_size(path), path, resolution)
 
 
 def prepare_canvas(args, path, resolution):
     """(canvas (3, R, R) in [0, 1], pixel mask (R, R) bool: True = regenerate) for one input image."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    img = open_rgb(path)  # 16-bit images scaled to 8 bits
     if args.mode == "outpaint":
         left, top, right, bottom = outpaint_margins(args, resolution)
         height, width = resolution - top - bottom, resolution - left - right
@@ -152,12 +210,7 @@ def prepare_canvas(args, path, resolution):
     canvas = TF.to_tensor(fit(img, resolution, resolution))
     if args.mode == "reconstruct":
         return canvas, torch.zeros(resolution, resolution, dtype=torch.bool)
-    # Box resampling: a canvas pixel is masked iff its footprint in the input overlaps a masked input pixel.
-    region = fit(region_image(args, img, path), resolution, resolution, interpolation=InterpolationMode.BOX)
-    pixel_mask = TF.to_tensor(region)[0] > 0
-    if not pixel_mask.any():
-        raise UsageError(f"the edit region of '{path}' lies outside the center crop that the model sees")
-    return canvas, pixel_mask
+    return canvas, pixel_region(args, img.size, path, resolution)
 
 
 def token_mask_from_pixels(pixel_mask, cell):
@@ -208,16 +261,19 @@ def save_png(image, path):
     write_atomic(path, lambda f: save_image(image, f, format="png"), sync=False)
 
 
+@releases_output_dir
 def main(args):
     """Edit every input; returns:
         images      the written OUTPUT_DIR/<name>_<mode>.png, in input order
         grid        OUTPUT_DIR/grid_<mode>.png (input | kept tokens | result rows, the first 16 images)
         mode, output_dir   --mode and --output_dir
     """
-    setup_run(args, check_edit_args)
+    setup_run(args, check_edit_args, create_output_dir=False)
     paths = list_images(args.input)
     model = build_model(args)
     resolution = model.grid_size * model.vqgan.downsample_factor
+    check_regions(args, paths, resolution)
+    open_output_dir(args)  # every usage check is done
     rows, written = [], []
     for start in range(0, len(paths), args.batch_size):
         batch_paths = paths[start:start + args.batch_size]

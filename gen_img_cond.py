@@ -19,7 +19,6 @@ import argparse
 import os
 
 import torch
-from PIL import Image
 
 import models_vit
 import util.datasets as data
@@ -29,8 +28,9 @@ from util.cli import add_runtime_args, run_script
 from util.distributed import barrier, cleanup_distributed, is_main_process
 from util.checkpoint import save_json_atomic
 from util.errors import UsageError
+from util.images import open_rgb
 from util.precision import autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.sampling import CFG_SCHEDULES, class_image_generators, decode_tokens, iterative_decode
 
 GRID_CLASSES = 16
@@ -71,7 +71,8 @@ def get_args_parser():
 
 def check_args(args):
     check_model_args(args)
-    for name in ("num_images_per_class", "batch_size", "num_iter", "num_classes", "classifier_batch_size"):
+    generation.check_sampling_args(args)
+    for name in ("num_images_per_class", "num_classes", "classifier_batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if args.class_ids is not None and len(set(args.class_ids)) != len(args.class_ids):
@@ -140,7 +141,7 @@ def classify(args, paths):
     transform = data.eval_transform(train_args.input_size, train_args.interpolation, mean, std)
     predictions = []
     for start in range(0, len(paths), args.classifier_batch_size):
-        batch = [transform(Image.open(p).convert("RGB")) for p in paths[start:start + args.classifier_batch_size]]
+        batch = [transform(open_rgb(p)) for p in paths[start:start + args.classifier_batch_size]]
         images = data.denormalize(torch.stack(batch).to(args.device), mean, std)
         with autocast(args.device, args.amp):
             predictions.append(model(images).float().argmax(dim=1).cpu())
@@ -173,6 +174,7 @@ def evaluate(args, folder, image_dir, class_ids, settings):
     return report
 
 
+@releases_output_dir
 def main(args):
     setup_run(args, check_args, create_output_dir=False)  # generation.prepare_folder lays out the run folder
     generation.check_fid_weights(args)

@@ -28,7 +28,7 @@ from util.distributed import barrier, cleanup_distributed, is_main_process
 from util.errors import CheckpointError, UsageError
 from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.sampling import decode_tokens, image_generators, iterative_decode
 
 GRID_IMAGES = 64
@@ -70,9 +70,9 @@ def check_model_args(args):
 
 def check_args(args):
     check_model_args(args)
-    for name in ("num_images", "batch_size", "num_iter"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1")
+    generation.check_sampling_args(args)
+    if args.num_images < 1:
+        raise UsageError("--num_images must be >= 1")
     generation.check_fid_args(args)
 
 
@@ -130,6 +130,7 @@ def generate_batch(model, indices, args):
     return generation.to_uint8(decode_tokens(model, ids))
 
 
+@releases_output_dir
 def main(args):
     """Generate (and evaluate); returns the run's result (rank 0; other ranks: grid, settings, metrics None):
         folder      OUTPUT_DIR/<settings>/, the run folder (settings.json, grid.png, metrics.json)
@@ -147,7 +148,8 @@ def main(args):
     image_dir = os.path.join(folder, "images")
     settings = settings_of(args, model) if is_main_process() else None
     generation.generate_missing(folder, settings, args.num_images, args.batch_size,
-                                lambda k: image_path(image_dir, k), lambda ks: generate_batch(model, ks, args))
+                                lambda k: image_path(image_dir, k), lambda ks: generate_batch(model, ks, args),
+                                side=model.grid_size * model.vqgan.downsample_factor)
     result = {"folder": folder, "image_dir": image_dir, "grid": None, "num_images": args.num_images,
               "settings": settings, "metrics": None}
     if is_main_process():

@@ -22,9 +22,10 @@ from util.cli import add_runtime_args, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform
 from util.distributed import barrier, is_main_process
 from util.errors import UsageError
+from util.output_dir import open_output_dir
 from util.perf import TOKENIZER_FLAGS, add_perf_args, configure_tokenizer
 from util.precision import autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
 
@@ -101,6 +102,7 @@ def tokenize_views(args, vqgan, dataset, rows, seq_len):
     return tokens
 
 
+@releases_output_dir
 def main(args):
     """Write the cache (or find it complete); returns, on every rank:
         output_dir, num_images, num_views, views, grid_size, codebook_size   what the cache holds
@@ -126,7 +128,7 @@ def main(args):
             return {**result, "written": False}
         raise UsageError(f"--output_dir '{args.output_dir}' holds a token cache with other settings; "
                          "choose another folder")
-    os.makedirs(args.output_dir, exist_ok=True)
+    open_output_dir(args)  # create and lock (another run writing this cache is refused)
     rows = list(range(args.rank, len(dataset), args.world_size))
     tokens = tokenize_views(args, vqgan, dataset, rows, settings["grid_size"] ** 2)
     labels = [dataset.targets[i] for i in rows]

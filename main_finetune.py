@@ -18,14 +18,15 @@ import util.datasets as data
 import util.lr_decay as lrd
 from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model
+from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import cleanup_distributed, get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
+from util.output_dir import open_output_dir
 from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 
 
 def get_args_parser():
@@ -153,10 +154,11 @@ def pixel_fn(args):
     return lambda images: data.denormalize(images, mean, std)
 
 
+@releases_output_dir
 def main(args):
     """Fine-tune; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
     history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
-    setup_run(args, check_args)
+    setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = build_model(args)
     mean, std = data.finetune_mean_std(args)
@@ -171,6 +173,7 @@ def main(args):
             raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
                              f"processes) is smaller than one batch of --batch_size {args.batch_size}")
 
+    open_output_dir(args, expected_bytes=expected_checkpoint_size(model))  # the usage checks are done
     model.to(device)
     apply_perf_settings(model, args, device)
     print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")

@@ -14,7 +14,7 @@ import models_vit
 import util.datasets as data
 from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import load_model
+from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.contrastive import GlobalBatchNorm1d
 from util.distributed import all_gather_rows, cleanup_distributed, get_world_size, wrap_ddp
@@ -22,9 +22,10 @@ from util.errors import UsageError
 from util.lars import LARS
 from util.lr_sched import effective_lr
 from util.metrics import MetricLogger
+from util.output_dir import open_output_dir
 from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount, autocast
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 
 
 def get_args_parser():
@@ -150,10 +151,11 @@ def build_data(model, args):
     return loader_train, loader_val, input_fn
 
 
+@releases_output_dir
 def main(args):
     """Linear-probe; returns engine_finetune.classifier_result() (acc1, acc5, loss, max_acc1, max_acc5, epochs,
     history, checkpoint, output_dir). With --eval: acc1, acc5 and loss of the --resume weights."""
-    setup_run(args, check_args)
+    setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = apply_perf_settings(build_model(args).to(device), args, device)
     model.eval()  # the frozen backbone never trains (no dropout); train_one_epoch switches the head to train
@@ -165,6 +167,7 @@ def main(args):
     progress = {"max_accuracy": 0.0}  # the best top-1 so far: saved in every checkpoint, restored on a resume
     load_model(args, model, optimizer, loss_scaler, progress=progress)
     loader_train, loader_val, input_fn = build_data(model, args)
+    open_output_dir(args, expected_bytes=expected_checkpoint_size(model, optimizer_moments=1))  # usage checks done
 
     if args.eval:
         test_stats = evaluate(loader_val, model.head, device, args, input_fn)

@@ -11,15 +11,16 @@ import models_mage
 import util.datasets as data
 from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import (checkpoint_path, extract_model_state, load_checkpoint, load_mage_weights, load_model,
-                             resolve_resume_path)
+from util.checkpoint import (checkpoint_path, expected_checkpoint_size, extract_model_state, load_checkpoint,
+                             load_mage_weights, load_model, resolve_resume_path)
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
+from util.output_dir import open_output_dir
 from util.perf import adamw_kwargs, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 from util.token_cache import CachedTokenDataset, read_meta
 from util.token_cache import num_classes as token_cache_num_classes
 from util.train_loop import fit
@@ -156,6 +157,7 @@ def load_finetune_weights(model, args):
     print(f"weights from {args.finetune}" + (" (class embedding initialised)" if allowed_missing else ""))
 
 
+@releases_output_dir
 def main(args):
     """Pre-train; returns the run's result (rank 0; other ranks: the same keys, `history` holding only the
     epochs they ran):
@@ -167,7 +169,7 @@ def main(args):
         checkpoint       output_dir/checkpoint-last.pth ('' without --output_dir)
         output_dir       --output_dir
     """
-    setup_run(args, check_args)
+    setup_run(args, check_args, create_output_dir=False)
     device = args.device
     model = build_model(args)
     dataset_train = build_train_dataset(args, model)
@@ -175,6 +177,7 @@ def main(args):
     if len(data_loader_train) == 0:
         raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
                          f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+    open_output_dir(args, expected_bytes=expected_checkpoint_size(model))  # the usage checks are done
 
     model.to(device)
     apply_perf_settings(model, args, device)

@@ -20,16 +20,17 @@ from engine_tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, CodebookMon
                               export_tokenizer, reconstruction_grid, train_one_epoch)
 from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import VQGANLoss
-from util.checkpoint import (CHECKPOINT_LAST, args_for_checkpoint, load_checkpoint, load_state_dict_checked,
-                             resolve_resume_path, save_checkpoint_atomic)
+from util.checkpoint import (args_for_checkpoint, expected_checkpoint_size, load_checkpoint, load_state_dict_checked,
+                             resolve_resume_path, save_epoch)
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
-from util.datasets import build_image_folder, build_loader, set_epoch
+from util.datasets import build_image_folder, build_loader, check_split, set_epoch
 from util.distributed import barrier, cleanup_distributed, get_world_size, is_main_process, wrap_ddp
 from util.errors import CheckpointError, UsageError
-from util.metrics import append_log, epoch_history, make_log_writer
+from util.metrics import epoch_history, make_log_writer
+from util.output_dir import open_output_dir
 from util.perf import add_perf_args
 from util.precision import NativeScalerWithGradNormCount
-from util.run import setup_run
+from util.run import releases_output_dir, setup_run
 
 # --quick: the same recipe on a shorter schedule (the test suite and `demo.py --quick`).
 QUICK_OVERRIDES = {"epochs": 1}
@@ -90,6 +91,15 @@ def get_args_parser():
     return parser
 
 
+def check_args(args):
+    """Reject flags that cannot work before any work starts (an untrained tokenizer.ckpt is never written)."""
+    for name in ("batch_size", "epochs", "eval_every", "print_freq", "restart_every", "dead_code_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for split in ("train", "val"):
+        check_split(args.data_path, split)
+
+
 def build_transforms(resolution):
     train = transforms.Compose([transforms.Resize(resolution), transforms.RandomCrop(resolution),
                                 transforms.RandomHorizontalFlip(), transforms.ToTensor()])
@@ -97,17 +107,18 @@ def build_transforms(resolution):
     return train, val
 
 
-def save_training_state(args, state, epoch, step, elapsed):
+def save_training_state(args, state, epoch, step, elapsed, log_stats):
+    """checkpoint-{epoch}.pth when due, the log line, then checkpoint-last.pth (util.checkpoint.save_epoch)."""
     if not args.output_dir or not is_main_process():
         return
     vqmodel, loss_fn, optimizer, optimizer_d, scaler, scaler_d, monitor = state
     checkpoint = {"model": vqmodel.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                   "codebook_monitor": monitor.state_dict(), "epoch": epoch, "step": step, "elapsed": elapsed,
-                  "args": args_for_checkpoint(args)}
+                  "args": args_for_checkpoint(args), "log_stats": log_stats}
     if loss_fn.discriminator is not None:
         checkpoint.update(discriminator=loss_fn.discriminator.state_dict(), optimizer_disc=optimizer_d.state_dict(),
                           scaler_disc=scaler_d.state_dict())
-    save_checkpoint_atomic(checkpoint, os.path.join(args.output_dir, CHECKPOINT_LAST))
+    save_epoch(args, epoch, checkpoint, log_stats)
 
 
 def resume_training_state(args, state):
@@ -131,6 +142,7 @@ def resume_training_state(args, state):
     return checkpoint["epoch"] + 1, checkpoint.get("elapsed", 0.0)
 
 
+@releases_output_dir
 def main(args):
     """Train the tokenizer; returns (every rank; only rank 0 writes the files and reads earlier epochs back):
         psnr, l1, codebook_usage, perplexity   val metrics of the final weights (dB, -, % of codes, -)
@@ -143,7 +155,7 @@ def main(args):
     """
     if args.quick:
         vars(args).update(QUICK_OVERRIDES)
-    setup_run(args)
+    setup_run(args, check_args, create_output_dir=False)
 
     settings = load_vqgan_config(args.vqgan_config)
     resolution = settings["ddconfig"]["resolution"]
@@ -176,6 +188,8 @@ def main(args):
     monitor = CodebookMonitor(vqmodel.quantize.embedding, dead_after=args.dead_code_steps,
                               buffer_size=args.code_buffer, seed=args.seed)
     state = (vqmodel, loss_fn, optimizer, optimizer_d, scaler, scaler_d, monitor)
+    trained = [vqmodel] + ([loss_fn.discriminator] if loss_fn.discriminator is not None else [])
+    open_output_dir(args, expected_bytes=sum(expected_checkpoint_size(m) for m in trained))  # usage checks done
     start_epoch, elapsed = resume_training_state(args, state)
     print(f"tokenizer: {sum(p.numel() for p in vqmodel.parameters()) / 1e6:.2f}M parameters, "
           f"{settings['n_embed']} codes; {len(loader_train)} steps/epoch x {args.epochs} epochs")
@@ -191,7 +205,6 @@ def main(args):
                                       monitor, loader_train, epoch, args, log_writer)
         elapsed += time.time() - start
         step = (epoch + 1) * len(loader_train)
-        save_training_state(args, state, epoch, step, elapsed)
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "step": step,
                  "elapsed_s": round(elapsed, 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -204,7 +217,7 @@ def main(args):
                     log_writer.add_scalar(f"val/{name}", value, step)
                 log_writer.add_image("val/reconstructions", reconstruction_grid(vqmodel, grid_images), step)
                 log_writer.flush()
-        append_log(args, stats)
+        save_training_state(args, state, epoch, step, elapsed, stats)
         new_epochs.append(stats)
 
     if not metrics:  # resumed after the last epoch: evaluate the final weights again

@@ -14,11 +14,14 @@ from functools import partial
 from multiprocessing import Pool
 
 import torchvision.transforms as T
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from util.checkpoint import TMP_SUFFIX, write_atomic
+from util.checkpoint import write_atomic
+from util.datasets import empty_folder_message
+from util.images import open_rgb
+from util.output_dir import OutputDirError, check_writable_folder, lock_output_dir, remove_stale_temp_files
+from util.run import releases_output_dir
 
 
 def get_args_parser():
@@ -38,23 +41,28 @@ def output_path(output_dir, index, digits):
 def convert(job, transform, output_dir, digits):
     """Resize, crop and write one image atomically; job = (index, source path)."""
     index, source = job
-    with open(source, "rb") as f:
-        img = Image.open(f).convert("RGB")
-    image = transform(img)
+    image = transform(open_rgb(source))  # 16-bit images scaled to 8 bits
     write_atomic(output_path(output_dir, index, digits), lambda f: image.save(f, format="PNG"), sync=False)
 
 
+@releases_output_dir
 def main(args):
     """Write the references; returns {output_dir, num_images (in the folder), num_written (by this call)}."""
     root = os.path.join(args.data_path, args.split)
     if not os.path.isdir(root):
         raise SystemExit(f"error: '{root}' is not a folder (expected an ImageFolder split: {root}/<class>/<image>)")
-    samples = ImageFolder(root).samples
+    try:
+        samples = ImageFolder(root).samples
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {empty_folder_message(root, err)}") from None
+    try:
+        check_writable_folder(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock_output_dir(args.output_dir)  # another run writing here is refused
+    except OutputDirError as err:
+        raise SystemExit(f"error: {err}") from None
+    remove_stale_temp_files(args.output_dir)  # partial files of an interrupted run
     digits = max(5, len(str(len(samples) - 1)))
-    os.makedirs(args.output_dir, exist_ok=True)
-    for name in os.listdir(args.output_dir):  # partial files of an interrupted run
-        if name.endswith(TMP_SUFFIX):
-            os.remove(os.path.join(args.output_dir, name))
     jobs = [(i, path) for i, (path, _) in enumerate(samples)
             if not os.path.isfile(output_path(args.output_dir, i, digits))]
     print(f"{len(samples)} images in {root}; {len(samples) - len(jobs)} already in {args.output_dir}, "

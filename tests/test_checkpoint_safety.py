@@ -2,6 +2,8 @@
 import argparse
 import os
 import pickle
+import random
+import stat
 
 import pytest
 import torch
@@ -108,3 +110,21 @@ def test_classifier_refuses_a_checkpoint_that_is_not_mage():
     del state["token_emb.word_embeddings.weight"]
     with pytest.raises(CheckpointError, match="missing keys: token_emb.word_embeddings.weight"):
         load_mage_checkpoint_into_classifier(classifier, {"model": state}, source="wrong.pth")
+
+
+def test_random_bytes_are_called_corrupt_not_code(tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CheckpointError, match="noise.pth': the file is corrupt or not a PyTorch checkpoint") as error:
+        load_checkpoint(path)
+    assert "execute code" not in str(error.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_respect_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        save_checkpoint_atomic({"w": torch.ones(2)}, tmp_path / "checkpoint-last.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint-last.pth").st_mode) == 0o666 & ~umask

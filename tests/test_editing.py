@@ -137,6 +137,56 @@ def test_usage_errors(tmp_path):
         edit_img.main(parse("--mode", "reconstruct", "--input", str(tmp_path / "empty")))
 
 
+def write_mask(path, width, height, white=((0, 0, 4, 4),)):
+    mask = Image.new("L", (width, height), 0)
+    for box in white:
+        mask.paste(255, box)
+    mask.save(path)
+    return str(path)
+
+
+def edit_error_cases(tmp_path):
+    """(flags, message) of every usage error that must come as one line before anything is written."""
+    photo = write_image(tmp_path / "photo.png", 32, 32)
+    wide = write_image(tmp_path / "wide.png", 128, 64)
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    (tmp_path / "a_file").write_text("x")
+    box = ("--box", "8", "8", "24", "24")
+    inpaint = ("--mode", "inpaint", "--input", photo)
+    return [
+        ((*inpaint, "--mask_image", str(tmp_path / "missing.png")), "--mask_image '.*missing.png' does not exist"),
+        ((*inpaint, "--mask_image", str(tmp_path / "garbage.png")), "mask '.*garbage.png' is not a readable image"),
+        (("--mode", "reconstruct", "--input", str(tmp_path / "garbage.png")), "cannot read image '.*garbage.png'"),
+        ((*inpaint, *box, "--num_iter", "0"), "--num_iter must be >= 1, got 0"),
+        ((*inpaint, *box, "--batch_size", "0"), "--batch_size must be >= 1, got 0"),
+        ((*inpaint, *box, "--temp", "-1"), r"--temp must be >= 0 \(0 picks the most likely tokens\), got -1.0"),
+        ((*inpaint, "--mask_image", write_mask(tmp_path / "small.png", 10, 20)),
+         r"mask '.*small.png' is 10x20 but image '.*photo.png' is 32x32: give a mask of the image's size"),
+        ((*inpaint, "--mask_image", write_mask(tmp_path / "black.png", 32, 32, white=())),
+         "mask '.*black.png' is all black: nothing to regenerate"),
+        ((*inpaint, *box, "--output_dir", str(tmp_path / "a_file")), "--output_dir '.*a_file' is a file"),
+        (("--mode", "inpaint", "--input", wide, "--box", "0", "0", "10", "10"),
+         "the edit region of '.*wide.png' lies outside the center crop"),
+    ]
+
+
+def test_usage_errors_come_as_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    for flags, message in edit_error_cases(tmp_path):
+        argv = [*flags] if "--output_dir" in flags else [*flags, "--output_dir", str(out)]
+        with pytest.raises(UsageError, match=message) as error:
+            edit_img.main(parse(*argv))
+        assert "\n" not in str(error.value)
+        assert not out.exists(), flags
+
+
+def test_mask_of_the_same_aspect_ratio_is_resized(tmp_path):
+    photo = write_image(tmp_path / "photo.png", 64, 32)
+    mask = write_mask(tmp_path / "half.png", 32, 16, white=((0, 0, 16, 16),))  # left half, at half the size
+    _, region = edit_img.prepare_canvas(parse("--mode", "inpaint", "--input", photo, "--mask_image", mask), photo, 32)
+    assert 0.2 < region.float().mean().item() < 0.8
+
+
 def test_outpaint_pixels_and_per_side_margins_together_are_refused(tmp_path, capsys):
     photo = write_image(tmp_path / "photo.png", 64, 64)
     with pytest.raises(SystemExit) as exit_info:

@@ -6,16 +6,21 @@ import math
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 import gen_img_uncond
-from conftest import draw_shape_image
+from conftest import REPO_ROOT, draw_shape_image
 from gen_img_uncond import build_model, check_args, get_args_parser
 from train_support import kill_when_written
 from models_mage import mage_vit_tiny_patch16
-from train_support import run_torchrun
+from train_support import run_script, run_torchrun, script_env
 from util.checkpoint import CheckpointError
 from util.errors import UsageError
 from util.fid import PIXEL_STATS, FidWeightsError, compute_metrics
@@ -182,3 +187,52 @@ def test_random_weights_need_an_explicit_flag():
     check_args(parse("--random_init"))
     with pytest.raises(UsageError, match="--fid_ref"):
         check_args(parse("--random_init", "--eval_fid"))
+    assert isinstance(parse("--random_init"), argparse.Namespace)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--temp", "-1"), r"--temp must be >= 0 \(0 picks the most likely tokens\), got -1.0"),
+    (("--temp", "nan"), "--temp must be >= 0"),
+    (("--num_iter", "0"), "--num_iter must be >= 1, got 0"),
+    (("--batch_size", "0"), "--batch_size must be >= 1, got 0"),
+])
+def test_impossible_sampling_flags_are_refused(flags, message):
+    with pytest.raises(UsageError, match=message):
+        check_args(parse("--random_init", *flags))
+
+
+def test_rerun_regenerates_damaged_images(ckpt, reference_run, tmp_path, capsys):
+    """A rerun checks every file's header and end: a truncated PNG and a PNG of the wrong size are made again."""
+    expected = image_bytes(reference_run[0])
+    output_dir = tmp_path / "copy"
+    shutil.copytree(reference_run[0], output_dir)
+    images = output_dir / RUN_NAME / "images"
+    (images / "00002.png").write_bytes(expected["00002.png"][:len(expected["00002.png"]) // 2])
+    Image.new("RGB", (16, 16)).save(images / "00005.png")
+    os.remove(output_dir / RUN_NAME / "grid.png")
+    generate("--ckpt", ckpt, "--batch_size", 2, "--output_dir", output_dir)
+    assert "2 damaged images will be generated again: 00002.png, 00005.png" in capsys.readouterr().out
+    assert image_bytes(output_dir) == expected
+    assert os.path.isfile(output_dir / RUN_NAME / "grid.png")
+
+
+@pytest.mark.slow
+def test_second_run_on_the_same_folder_is_refused(ckpt, reference_run, tmp_path):
+    argv = [*COMMON, "--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(tmp_path)]
+    first = subprocess.Popen([sys.executable, "gen_img_uncond.py", *argv], cwd=REPO_ROOT, env=script_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(tmp_path, RUN_NAME, ".lock")
+    deadline = time.time() + 240
+    while not (os.path.isfile(lock) and f"pid {first.pid} " in open(lock).read()):
+        assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # hold the first run while it owns the folder
+    try:
+        second = run_script("gen_img_uncond.py", argv, check=False)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert f"is in use by another run (pid {first.pid} on " in second.stderr.splitlines()[-1]
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert image_bytes(tmp_path) == image_bytes(reference_run[0])

@@ -53,7 +53,7 @@ def test_torchrun_two_processes_trains_and_writes_checkpoints_and_events(tmp_pat
 
     for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"):
         checkpoint = load_checkpoint(out / name)
-        assert set(checkpoint) == {"model", "optimizer", "scaler", "epoch", "args"}
+        assert set(checkpoint) == {"model", "optimizer", "scaler", "epoch", "args", "log_stats"}
     last = load_checkpoint(out / "checkpoint-last.pth")
     assert last["epoch"] == 1 and last["args"].world_size == 2
     assert not glob.glob(str(out / "*.tmp"))
@@ -129,6 +129,7 @@ def test_resume_and_auto_resume_continue_exactly(tmp_path, shapes, tokenizer_con
                                                                         *common, "--auto_resume")))
     auto = load_checkpoint(tmp_path / "auto" / "checkpoint-last.pth")
     assert auto["epoch"] == 1 and [e["epoch"] for e in read_log(tmp_path / "auto")] == [0, 1]
+    assert os.path.isfile(tmp_path / "auto" / "checkpoint-0.pth")  # the resume wrote the missing milestone
     assert max_abs_difference(straight, auto["model"]) == 0
     # the result covers the whole run, the crashed process's epoch included
     assert [e["epoch"] for e in straight_result["history"]] == [0, 1]
@@ -199,14 +200,20 @@ def test_impossible_flags_are_a_usage_error_of_the_script(tmp_path, shapes, toke
 
 def test_impossible_flags_fail_before_any_work(tmp_path, shapes, tokenizer_config):
     out = tmp_path / "out"
+    with_empty_class = shutil.copytree(shapes, tmp_path / "with_empty_class")
+    os.makedirs(with_empty_class / "train" / "class_9_empty")
+    (tmp_path / "a_file").write_text("x")
     cases = [(("--mask_ratio_min", 0.9, "--mask_ratio_max", 0.6), "need 0 < --mask_ratio_min"),
              (("--data_path", tmp_path / "nowhere"), "has no 'train' folder"),
              (("--input_size", 64), "--input_size 64 does not fit the tokenizer"),
-             (("--batch_size", 1000), "smaller than one batch")]
+             (("--batch_size", 1000), "smaller than one batch"),
+             (("--data_path", with_empty_class), "the class folders 'class_9_empty' hold no images"),
+             (("--output_dir", tmp_path / "a_file"), "--output_dir '.*a_file' is a file, not a folder")]
     for flags, message in cases:
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(UsageError, match=message) as error:
             main_pretrain.main(parse(main_pretrain, pretrain_args(shapes, out, tokenizer_config, *flags)))
-        assert not glob.glob(str(out / "*.pth"))
+        assert "\n" not in str(error.value)
+        assert not out.exists()  # nothing written, not even an empty folder
 
 
 def test_resume_from_checkpoint_of_another_model_names_the_keys(tmp_path, shapes, tokenizer_config):

@@ -15,6 +15,7 @@ from taming.models.vqgan import VQModel, load_vqgan_config
 from taming.modules.losses import PerceptualLoss, VQGANLoss
 from train_support import run_torchrun
 from util.checkpoint import CheckpointError, load_checkpoint
+from util.errors import UsageError
 from util.synthetic_data import generate, load_split_arrays
 
 TINY_CONFIG = {"model": {"params": {"embed_dim": 16, "n_embed": 64, "ddconfig": {
@@ -206,3 +207,14 @@ def test_torchrun_two_processes_gloo(trained, tmp_path):
     checkpoint = load_checkpoint(tmp_path / "tokenizer.ckpt")
     assert checkpoint["steps"] == STEPS_PER_EPOCH  # 32 images / (4 per process x 2 processes)
     VQModel(**load_vqgan_config(tmp_path / "tokenizer.yaml"), ckpt_path=str(tmp_path / "tokenizer.ckpt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batch_size", "0"), "--batch_size must be at least 1, got 0"),
+    (("--epochs", "0"), "--epochs must be at least 1, got 0"),  # would write an untrained tokenizer.ckpt
+    (("--batch_size", "64"), "is larger than the 32 training images"),
+])
+def test_impossible_flags_are_refused_before_anything_is_written(trained, tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        run_training(trained["data"], tmp_path / "out", trained["config"], *flags)
+    assert not os.path.exists(tmp_path / "out")

@@ -5,17 +5,23 @@ Every checkpoint in this project is read through `load_checkpoint`: `torch.load(
 `argparse.Namespace` allow-listed, so a file can never run code. Errors name the file and the problem.
 """
 import argparse
+import errno
+import io
 import json
 import logging
 import os
 import pickle
+import pickletools
 import secrets
+import shutil
+import signal
 import zipfile
 
 import torch
 
 from util.distributed import barrier, is_main_process
-from util.errors import CheckpointError
+from util.errors import CheckpointError, DiskWriteError
+from util.metrics import LOG_FILE, append_log
 
 logger = logging.getLogger(__name__)
 
@@ -25,26 +31,70 @@ CHECKPOINT_LAST = "checkpoint-last.pth"
 TMP_SUFFIX = ".tmp"  # every temporary file of write_atomic ends so; a rerun may delete leftovers of a killed run
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint safely. Raises CheckpointError naming the file and the problem."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Read a checkpoint safely. Raises CheckpointError naming the file and the problem.
+
+    mmap: map the tensors' bytes instead of reading them (cheap when only small entries are needed)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' is not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
-        raise CheckpointError(
-            f"refusing to load '{path}': it contains pickled objects that are not plain tensors/containers "
-            f"(loading it would execute code). {detail}".strip()) from None
+        lines = [line.strip() for line in str(err).splitlines()]
+        forbidden = next((line for line in lines if "GLOBAL" in line), "") or _forbidden_global(path)
+        if forbidden:
+            raise CheckpointError(
+                f"refusing to load '{path}': it contains pickled objects that are not plain tensors/containers "
+                f"(loading it would execute code). {forbidden}") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), "")
+        raise CheckpointError(f"cannot read checkpoint '{path}': the file is corrupt or not a PyTorch checkpoint"
+                              + (f" ({detail})" if detail else "")) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated, corrupt or not a PyTorch checkpoint "
             f"({first_line})") from None
+
+
+SAFE_MODULES = ("collections", "argparse", "_codecs", "numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+SCAN_BYTES = 2 ** 26
+
+
+def _pickle_bytes(path):
+    """The pickle stream of a checkpoint: data.pkl of a zip checkpoint, else the file's first SCAN_BYTES."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            return archive.read(name)[:SCAN_BYTES] if name else b""
+    with open(path, "rb") as f:
+        return f.read(SCAN_BYTES)
+
+
+def _forbidden_global(path):
+    """'GLOBAL module.name' of the first import of code in the file's pickles (outside torch and plain
+    containers), or '' when there is none: tells a file that would run code from a corrupt one, e.g. random
+    bytes, which torch's unpickler rejects with the same exception."""
+    stream = io.BytesIO(_pickle_bytes(path))
+    strings = []
+    for _ in range(8):  # the legacy format is a few pickles in a row
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    module, name = arg.split(" ", 1)
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    module, name = strings[-2:]
+                else:
+                    if isinstance(arg, str) and "UNICODE" in opcode.name:
+                        strings.append(arg)
+                    continue
+                if not (module.startswith("torch") or module in SAFE_MODULES):
+                    return f"Found GLOBAL {module}.{name}"
+        except Exception:  # not (or no longer) a pickle stream: nothing more to find
+            return ""
+    return ""
 
 
 def extract_model_state(checkpoint, source="checkpoint"):
@@ -120,29 +170,74 @@ def load_mage_weights(model, state_dict, source, tokenizer_given=False, allowed_
                                    ignore_foreign_modules=True)
 
 
-def write_atomic(path, write, sync=True):
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+KILL_HOOK = "MAGE_TEST_KILL"  # "written:NAME" or "renamed:NAME": kill -9 this process there (failure tests)
+
+
+def _kill_point(stage, path):
+    """SIGKILL this process when $MAGE_TEST_KILL names this stage of writing this file: the tests' real kill
+    between two writes (see docs/training.md#failures-and-what-survives-them)."""
+    if os.environ.get(KILL_HOOK) == f"{stage}:{os.path.basename(path)}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def format_bytes(count):
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def disk_error(err):
+    """The OSError meaning "disk full / quota / read-only" in err's chain of causes, or None. torch.save reports
+    a full disk as RuntimeError('[enforce fail at inline_container.cc...]') raised while handling it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_atomic(path, write, sync=True, size_hint=None):
     """Write `path` through `write(file)` (a binary file) into a hidden temporary file in the same folder, then
     rename it over `path`. A crash at any point leaves either the previous file or the new one, never a
-    partial file.
+    partial file; a kill leaves the temporary file, which the next run in that folder removes
+    (util.output_dir.remove_stale_temp_files).
 
     sync: fsync the file before and the folder after the rename, so the new file also survives a power loss.
     Bulk outputs that a rerun checks anyway (generated images) skip it: it costs a disk flush per file.
+    size_hint: the bytes the file will take, for the message when the disk is full.
+    A full or read-only disk raises DiskWriteError: one line with the file, the bytes needed and free, and
+    that the previous file is intact.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    existed = os.path.exists(path)
     try:
         with open(tmp_path, "xb") as f:
             write(f)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
+        _kill_point("written", path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
+        written = os.path.getsize(tmp_path) if os.path.exists(tmp_path) else 0
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        raise
+        cause = disk_error(err)
+        if cause is None:
+            raise
+        needed = format_bytes(size_hint) if size_hint else f"at least {format_bytes(written)}"
+        free = format_bytes(shutil.disk_usage(folder).free)
+        kept = f"the previous {os.path.basename(path)} is intact" if existed else "no file was replaced"
+        raise DiskWriteError(f"cannot write '{path}': {cause.strerror} ({needed} needed, {free} free); {kept}") \
+            from None
+    _kill_point("renamed", path)
     if sync:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -151,9 +246,36 @@ def write_atomic(path, write, sync=True):
             os.close(dir_fd)
 
 
+def estimated_size(obj):
+    """Bytes of the tensors in a nested checkpoint object (each storage once): about what torch.save writes."""
+    storages = {}
+
+    def visit(value):
+        if torch.is_tensor(value):
+            storage = value.untyped_storage()
+            storages[(storage.data_ptr(), value.device)] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(storages.values()) + 4096
+
+
+def expected_checkpoint_size(model, optimizer_moments=2):
+    """Bytes of a training checkpoint of `model`: its state dict plus `optimizer_moments` float32 tensors per
+    trainable parameter (2 for Adam/AdamW, 1 for LARS momentum)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return state + optimizer_moments * 4 * trainable
+
+
 def save_checkpoint_atomic(obj, path):
     """torch.save through write_atomic."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f), size_hint=estimated_size(obj))
 
 
 def save_json_atomic(path, obj, indent=2):
@@ -165,13 +287,55 @@ def save_json_atomic(path, obj, indent=2):
 # Training checkpoints: save every epoch, resume
 # ----------------------------------------------------------------------------------------------------------
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, extra=None):
-    """Write {model, optimizer, scaler, epoch, args, **extra} atomically (rank 0).
+def milestone_due(args, epoch):
+    """Whether epoch `epoch` keeps its own checkpoint-{epoch}.pth: every --save_every epochs and the last one."""
+    save_every = getattr(args, "save_every", 0)
+    return (save_every > 0 and epoch % save_every == 0) or epoch + 1 == args.epochs
+
+
+def save_epoch(args, epoch, state, log_stats=None):
+    """Write one epoch's files (rank 0 only), in this order: checkpoint-{epoch}.pth when it is a milestone, the
+    epoch's log.txt line, then checkpoint-last.pth. "last" is written last, so whatever point a kill hits, the
+    epoch of checkpoint-last.pth has its milestone and its log line; `repair_run_files` mends folders where that
+    does not hold (written by an older version, or a file deleted by hand). `state` carries `log_stats` too, so
+    that the log line can be written again from the checkpoint. Returns the checkpoint paths written."""
+    paths = []
+    try:
+        if milestone_due(args, epoch):
+            paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            save_checkpoint_atomic(state, paths[-1])
+        if log_stats is not None:
+            _append_log_line(args, log_stats)
+        paths.append(os.path.join(args.output_dir, CHECKPOINT_LAST))
+        save_checkpoint_atomic(state, paths[-1])
+    except DiskWriteError as err:
+        last = os.path.join(args.output_dir, CHECKPOINT_LAST)
+        previous = (f"{CHECKPOINT_LAST} of the previous epoch still loads: free some space, then rerun with "
+                    f"--auto_resume") if os.path.isfile(last) else "no checkpoint of this run exists yet"
+        raise DiskWriteError(f"epoch {epoch} not saved: {err}; {previous}") from None
+    return paths
+
+
+def _append_log_line(args, log_stats):
+    try:
+        append_log(args, log_stats)
+    except OSError as err:
+        cause = disk_error(err)
+        if cause is None:
+            raise
+        path = os.path.join(args.output_dir, LOG_FILE)
+        raise DiskWriteError(f"cannot append to '{path}': {cause.strerror} "
+                             f"({format_bytes(shutil.disk_usage(args.output_dir).free)} free)") from None
+
+
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, log_stats=None, extra=None):
+    """Write {model, optimizer, scaler, epoch, args, log_stats, **extra} atomically (rank 0).
 
     `extra`: more training state to resume, e.g. {"max_accuracy": 81.2} (load_model's `progress`).
 
-    Without `name`: checkpoint-last.pth every epoch, plus checkpoint-{epoch}.pth every --save_every epochs and
-    after the last epoch. With `name`: checkpoint-{name}.pth only. Returns the paths written.
+    Without `name`: `save_epoch` (checkpoint-{epoch}.pth every --save_every epochs and after the last epoch, the
+    log.txt line `log_stats`, then checkpoint-last.pth). With `name`: checkpoint-{name}.pth only. Returns the
+    paths written.
     """
     if not args.output_dir:
         return []
@@ -179,20 +343,67 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
     if is_main_process():
         state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-                 "epoch": epoch, "args": args_for_checkpoint(args), **(extra or {})}
+                 "epoch": epoch, "args": args_for_checkpoint(args), "log_stats": log_stats, **(extra or {})}
         if name is not None:
-            names = [f"checkpoint-{name}.pth"]
+            paths = [os.path.join(args.output_dir, f"checkpoint-{name}.pth")]
+            save_checkpoint_atomic(state, paths[0])
         else:
-            names = [CHECKPOINT_LAST]
-            save_every = getattr(args, "save_every", 0)
-            if (save_every > 0 and epoch % save_every == 0) or epoch + 1 == args.epochs:
-                names.append(f"checkpoint-{epoch}.pth")
-        for file_name in names:
-            path = os.path.join(args.output_dir, file_name)
-            save_checkpoint_atomic(state, path)
-            paths.append(path)
+            paths = save_epoch(args, epoch, state, log_stats)
     barrier()
     return paths
+
+
+def read_log(output_dir):
+    """(JSON entries of output_dir/log.txt, its raw text); a line cut short by a kill is left out of the entries."""
+    path = os.path.join(output_dir, LOG_FILE)
+    if not os.path.isfile(path):
+        return [], ""
+    with open(path) as f:
+        text = f.read()
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pass
+    return entries, text
+
+
+def repair_run_files(args, path):
+    """Make the output folder agree with its checkpoint-last.pth (`path`, epoch N) before a resumed run goes on:
+    write checkpoint-N.pth when epoch N is a milestone and the file is missing, drop log.txt lines of epochs
+    after N (a run killed before its "last" was written redoes them) and lines cut short, and add epoch N's line
+    from the checkpoint's `log_stats` when it is missing. path '': a run starting from scratch, whose folder may
+    only hold log lines of a run killed before its first checkpoint-last.pth; they are dropped.
+    Rank 0, with the folder locked. Returns what it did."""
+    checkpoint = load_checkpoint(path, mmap=True) if path else {"epoch": -1}  # mmap: the tensors stay on disk
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    if not isinstance(epoch, int):
+        return []
+    repaired = []
+    milestone = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+    if path and milestone_due(args, epoch) and not os.path.isfile(milestone):
+        with open(path, "rb") as source:
+            write_atomic(milestone, lambda f: shutil.copyfileobj(source, f, 2 ** 24))
+        repaired.append(f"wrote the missing {os.path.basename(milestone)} from {CHECKPOINT_LAST}")
+    entries, text = read_log(args.output_dir)
+    kept = [e for e in entries if not (isinstance(e.get("epoch"), int) and e["epoch"] > epoch)]
+    if len(kept) < len(entries):
+        repaired.append(f"dropped {len(entries) - len(kept)} log.txt lines of "
+                        + (f"epochs after {epoch} (they are redone)" if path else "a run that saved no checkpoint"))
+    if path and not any(e.get("epoch") == epoch for e in kept):
+        log_stats = checkpoint.get("log_stats")
+        if isinstance(log_stats, dict):
+            kept.append(log_stats)
+            repaired.append(f"restored the missing log.txt line of epoch {epoch} from {CHECKPOINT_LAST}")
+        else:
+            print(f"resume: log.txt has no line for epoch {epoch} and {CHECKPOINT_LAST} does not hold one")
+    new_text = "".join(json.dumps(e) + "\n" for e in kept)
+    if new_text != text:
+        write_atomic(os.path.join(args.output_dir, LOG_FILE), lambda f: f.write(new_text.encode()))
+    for line in repaired:
+        print(f"{'resume' if path else 'start'}: {line}")
+    return repaired
 
 
 def checkpoint_path(args):

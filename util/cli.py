@@ -39,6 +39,10 @@ def add_checkpoint_args(parser, save_every):
     group.add_argument("--resume", default="", help="checkpoint file, or an output folder (its checkpoint-last.pth)")
     group.add_argument("--auto_resume", action="store_true",
                        help="resume from output_dir/checkpoint-last.pth when it exists")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start over in an --output_dir that holds checkpoints of an earlier run, deleting its "
+                            "checkpoint-*.pth and log.txt (without it, or --resume/--auto_resume, such a folder is "
+                            "refused)")
     group.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     return group
 

@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from util.crop import RandomResizedCrop
 from util.distributed import get_rank, get_world_size
 from util.errors import TrainingError, UsageError
+from util.images import open_rgb
 from util.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,20 @@ def seeded_rng(seed):
         np.random.set_state(np_state)
 
 
+def empty_folder_message(root, err):
+    """One line for torchvision's FileNotFoundError on an ImageFolder root: which class folders have no images."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+    empty = [c for c in classes if not any(datasets.folder.has_file_allowed_extension(n, datasets.folder.IMG_EXTENSIONS)
+                                           for _, _, names in os.walk(os.path.join(root, c)) for n in names)]
+    extensions = ", ".join(datasets.folder.IMG_EXTENSIONS[:4]) + ", ..."
+    if empty:
+        shown = ", ".join(f"'{c}'" for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        return f"'{root}': the class folders {shown} hold no images ({extensions}); remove them or add images"
+    if not classes:
+        return f"'{root}' has no class folders (expected {root}/<class>/<image>)"
+    return f"'{root}': {str(err).splitlines()[0]}"
+
+
 class SeededImageFolder(datasets.ImageFolder):
     """torchvision ImageFolder whose transform is seeded per (seed, epoch, index).
 
@@ -55,7 +70,10 @@ class SeededImageFolder(datasets.ImageFolder):
     """
 
     def __init__(self, root, transform, seed=0, skip_bad_images=False):
-        super().__init__(root, transform=transform)
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as err:  # torchvision's error for a class folder without images
+            raise UsageError(empty_folder_message(root, err)) from None
         self.seed = seed
         self.epoch = 0
         self.skip_bad_images = skip_bad_images
@@ -65,8 +83,7 @@ class SeededImageFolder(datasets.ImageFolder):
 
     def _read(self, path):
         try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")
+            return open_rgb(path)  # 16-bit images scaled to 8 bits, not clipped
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise BadImageError(f"cannot read image '{path}': {err}") from None
 

@@ -10,6 +10,10 @@ class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, unreadable image); the scripts print it and exit with status 1."""
 
 
+class DiskWriteError(TrainingError):
+    """A file that cannot be written because its disk is full, over quota or read-only."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: unreadable, unsafe, or not matching the model."""
 

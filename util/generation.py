@@ -11,6 +11,7 @@ tokens flip), and a rerun only generates what is missing.
 import hashlib
 import json
 import os
+import struct
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from util.checkpoint import TMP_SUFFIX, save_json_atomic, write_atomic
 from util.distributed import barrier, get_rank, get_world_size, is_main_process
 from util.errors import UsageError
 from util.fid import INCEPTION, PIXEL_STATS, compute_metrics, resolve_inception_weights
+from util.output_dir import open_folder
 
 
 def add_fid_args(parser):
@@ -35,6 +37,15 @@ def add_fid_args(parser):
     evaluation.add_argument("--fid_feature_extractor", default=INCEPTION, choices=(INCEPTION, PIXEL_STATS),
                             help=f"{PIXEL_STATS} is a tiny offline stand-in for smoke tests, not a real FID")
     return evaluation
+
+
+def check_sampling_args(args):
+    """--temp, --num_iter and --batch_size (generation and editing)."""
+    for name in ("batch_size", "num_iter"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.temp >= 0:  # also catches nan
+        raise UsageError(f"--temp must be >= 0 (0 picks the most likely tokens), got {args.temp}")
 
 
 def check_fid_args(args):
@@ -58,8 +69,9 @@ def weights_fingerprint(model):
 
 
 def prepare_folder(folder, settings):
-    """Create the run folder, or check that an existing one was written with the same settings (rank 0).
-    Removes the partial files of a killed run."""
+    """Create and lock the run folder (a second run with the same settings is refused: util.output_dir), or check
+    that an existing one was written with the same settings (rank 0). Removes the partial files of a killed run."""
+    open_folder(folder)
     image_dir = os.path.join(folder, "images")
     os.makedirs(image_dir, exist_ok=True)
     settings_path = os.path.join(folder, "settings.json")
@@ -78,18 +90,39 @@ def prepare_folder(folder, settings):
                 os.remove(os.path.join(root, name))
 
 
-def is_done(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk, the last 12 bytes of every complete PNG
 
 
-def batches_to_do(num_items, batch_size, path_of):
-    """Fixed chunks of batch_size item numbers that still miss a file, dealt out round-robin to the ranks."""
-    todo = []
+def is_done(path, side=None):
+    """Whether `path` is a complete 8-bit RGB PNG (side x side when given), judged from its header and its last
+    12 bytes, without decoding: a file cut short or replaced by something else is generated again."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(26)
+            if os.fstat(f.fileno()).st_size < len(header) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            end = f.read()
+    except OSError:
+        return False
+    if header[:8] != PNG_SIGNATURE or header[12:16] != b"IHDR" or end != PNG_END:
+        return False
+    width, height = struct.unpack(">II", header[16:24])
+    return (header[24], header[25]) == (8, 2) and (side is None or (width, height) == (side, side))
+
+
+def batches_to_do(num_items, batch_size, path_of, side=None):
+    """Fixed chunks of batch_size item numbers that still miss a complete file, dealt out round-robin to the
+    ranks, and the damaged files among the missing ones (present but not a complete PNG)."""
+    todo, damaged = [], []
     for start in range(0, num_items, batch_size):
         items = list(range(start, min(start + batch_size, num_items)))
-        if not all(is_done(path_of(i)) for i in items):
+        missing = [i for i in items if not is_done(path_of(i), side)]
+        damaged += [os.path.basename(path_of(i)) for i in missing if os.path.exists(path_of(i))]
+        if missing:
             todo.append(items)
-    return todo[get_rank()::get_world_size()]
+    return todo[get_rank()::get_world_size()], damaged
 
 
 def save_png(array, path):
@@ -104,22 +137,26 @@ def to_uint8(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def generate_missing(folder, settings, num_items, batch_size, path_of, generate_batch):
-    """Write the PNG of every item whose file is missing: generate_batch(item numbers) -> uint8 (B, H, W, 3).
+def generate_missing(folder, settings, num_items, batch_size, path_of, generate_batch, side=None):
+    """Write the PNG of every item whose file is missing or damaged: generate_batch(item numbers) -> uint8
+    (B, H, W, 3) of side x side images (side: checked in existing files when given).
 
     `settings` (rank 0; None elsewhere) are stored in, or checked against, folder/settings.json first."""
     if is_main_process():
         prepare_folder(folder, settings)
     barrier()
-    batches = batches_to_do(num_items, batch_size, path_of)
+    batches, damaged = batches_to_do(num_items, batch_size, path_of, side)
     barrier()  # every rank has listed the missing images before any rank writes
+    if damaged:
+        print(f"{len(damaged)} damaged images will be generated again: {', '.join(damaged[:5])}"
+              + (" ..." if len(damaged) > 5 else ""))
     total = sum(len(b) for b in batches)
     print(f"{folder}: {num_items} images, {total} to generate on rank 0 of {get_world_size()}")
     with tqdm(total=total, unit="img", disable=not is_main_process()) as progress:
         for items in batches:
             for item, array in zip(items, generate_batch(items)):
                 path = path_of(item)
-                if not is_done(path):
+                if not is_done(path, side):
                     save_png(array, path)
             progress.update(len(items))
     barrier()

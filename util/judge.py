@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+
+from util.images import open_rgb
 
 
 def small_cnn(num_classes):
@@ -59,8 +60,7 @@ def load_images(paths):
     """(N, 3, H, W) float images in [0, 1] from image files of one size."""
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+        arrays.append(np.asarray(open_rgb(path)))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
 
 

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from util.distributed import collective_device, is_dist_avail_and_initialized, is_main_process
 
+LOG_FILE = "log.txt"
+
 
 class SmoothedValue:
     """A series of values with windowed median/average and the global average."""
@@ -135,7 +137,7 @@ def append_log(args, stats):
     """Append one JSON line of epoch stats to output_dir/log.txt (rank 0)."""
     if not is_main_process() or not getattr(args, "output_dir", ""):
         return
-    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+    with open(os.path.join(args.output_dir, LOG_FILE), "a") as f:
         f.write(json.dumps(stats) + "\n")
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from util.images import open_rgb
+
 LABEL_WIDTH = 150  # pixels left of the images for a row's label
 
 
@@ -42,8 +44,7 @@ def save_rows(rows, path, scale=1, labels=None, pad=2):
 
 def grid_cells(path, side, rows, columns, pad=2):
     """The cells of a torchvision make_grid picture of side x side images: (rows, columns, 3, side, side)."""
-    with Image.open(path) as grid:
-        grid = torch.from_numpy(np.array(grid.convert("RGB"))).permute(2, 0, 1).float().div(255)
+    grid = torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1).float().div(255)
     cells = [[grid[:, pad + r * (side + pad):pad + r * (side + pad) + side,
                    pad + c * (side + pad):pad + c * (side + pad) + side] for c in range(columns)] for r in range(rows)]
     return torch.stack([torch.stack(row) for row in cells])
@@ -51,9 +52,8 @@ def grid_cells(path, side, rows, columns, pad=2):
 
 def enlarge(source, target, scale):
     """Copy a picture enlarged by `scale` (nearest neighbour)."""
-    with Image.open(source) as picture:
-        picture = picture.convert("RGB")
-        picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(target)
+    picture = open_rgb(source)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(target)
 
 
 def read_scalars(log_dir, tag):

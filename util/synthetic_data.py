@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from util.images import open_rgb
+
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "pair", "stripes", "half")
 SPLIT_IDS = {"train": 0, "val": 1}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: anti-aliased edges instead of jagged ones
@@ -156,7 +158,7 @@ def generate(output_dir, num_train=500, num_val=60, size=32, num_classes=len(CLA
 def _read_split(root, split):
     """uint8 (N, H, W, 3) images and long labels (N,) of root/split, ImageFolder order."""
     from torchvision.datasets import ImageFolder
-    dataset = ImageFolder(os.path.join(root, split))
+    dataset = ImageFolder(os.path.join(root, split), loader=open_rgb)
     images = np.stack([np.asarray(dataset.loader(path), dtype=np.uint8) for path, _ in dataset.samples])
     return torch.from_numpy(images), torch.tensor(dataset.targets)
 

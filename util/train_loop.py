@@ -5,7 +5,7 @@ import time
 from util.checkpoint import save_model
 from util.datasets import set_epoch
 from util.distributed import cleanup_distributed, get_rank
-from util.metrics import append_log, epoch_history, make_log_writer
+from util.metrics import epoch_history, make_log_writer
 from util.seeding import derive_seed, seed_everything
 
 
@@ -15,11 +15,12 @@ def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scale
 
     Each epoch: set the sampler's and dataset's epoch and seed the global RNGs from (seed, epoch, rank), so that
     a resumed run continues exactly as an uninterrupted one; `train_epoch(epoch, log_writer)` -> train stats;
-    `evaluate_epoch(epoch, log_writer)` -> test stats, when given (it may update `progress`); save
-    checkpoint-last.pth (and checkpoint-N.pth, see util.checkpoint.save_model) of `checkpoint_model` with the
-    `progress` dict's entries (e.g. the best accuracy so far, so that a resume continues it); one log.txt line
-    {train_*, test_*, epoch}; flush tensorboard. The tensorboard writer (rank 0, --log_dir) and the process
-    group are closed at the end, also when an epoch fails. `history` is util.metrics.epoch_history: log.txt's
+    `evaluate_epoch(epoch, log_writer)` -> test stats, when given (it may update `progress`); then the epoch's
+    files of `checkpoint_model` with the `progress` dict's entries (e.g. the best accuracy so far, so that a resume
+    continues it) (util.checkpoint.save_epoch: checkpoint-N.pth when due, the log.txt line
+    {train_*, test_*, epoch}, checkpoint-last.pth last); flush tensorboard. The tensorboard writer (rank 0,
+    --log_dir) and the process group are closed at the end, also when an epoch fails. `history` is
+    util.metrics.epoch_history: log.txt's
     lines of the whole run, the epochs of an earlier process of a resumed run included.
     """
     log_writer = make_log_writer(args)
@@ -33,10 +34,11 @@ def fit(args, train_epoch, loader_train, checkpoint_model, optimizer, loss_scale
             train_stats = train_epoch(epoch, log_writer)
             if evaluate_epoch is not None:
                 test_stats = evaluate_epoch(epoch, log_writer)
-            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler, extra=progress)
             new_epochs.append({**{f"train_{k}": v for k, v in train_stats.items()},
                                **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
-            append_log(args, new_epochs[-1])
+            # checkpoint-N.pth, the log line, then checkpoint-last.pth, which holds the line too (save_epoch)
+            save_model(args, epoch, checkpoint_model, optimizer, loss_scaler, log_stats=new_epochs[-1],
+                       extra=progress)
             if log_writer is not None:
                 log_writer.flush()
     finally:
