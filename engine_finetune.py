@@ -91,16 +91,18 @@ def evaluate(data_loader, model, device, args, input_fn=None):
 
 
 def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device, input_fn=None,
-                   mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None):
+                   mixup_fn=None, max_norm=None, checkpoint_model=None, eval_model=None, progress=None):
     """Train for args.start_epoch..args.epochs with util.train_loop.fit, evaluating after every epoch.
 
     `model` is what trains (possibly DDP-wrapped); `checkpoint_model` what is saved and `eval_model` what is
-    evaluated (default: the unwrapped model). Returns classifier_result(): the last evaluation (of the
-    loaded weights when a resumed run has no epoch left) and the per-epoch history.
+    evaluated (default: the unwrapped model). `progress` ({"max_accuracy": ...}, restored by
+    util.checkpoint.load_model on a resume) holds the best top-1 accuracy so far and is saved in every
+    checkpoint. Returns classifier_result(): the last evaluation (of the loaded weights when a resumed run has
+    no epoch left) and the per-epoch history.
     """
     eval_model = eval_model or unwrap(model)
     num_val = len(loader_val.dataset)
-    max_accuracy = 0.0
+    progress = {"max_accuracy": 0.0} if progress is None else progress
 
     def train_epoch(epoch, log_writer):
         return train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
@@ -108,10 +110,10 @@ def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, 
                                input_fn=input_fn)
 
     def evaluate_epoch(epoch, log_writer):
-        nonlocal max_accuracy
         test_stats = evaluate(loader_val, eval_model, device, args, input_fn)
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  (max {max_accuracy:.2f}%)")
+        progress["max_accuracy"] = max(progress.get("max_accuracy", 0.0), test_stats["acc1"])
+        print(f"Accuracy on the {num_val} test images: {test_stats['acc1']:.1f}%  "
+              f"(max {progress['max_accuracy']:.2f}%)")
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
@@ -121,7 +123,7 @@ def fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, 
     if args.start_epoch >= args.epochs:  # resumed after the last epoch: evaluate the loaded weights
         final_stats = evaluate(loader_val, eval_model, device, args, input_fn)
     history, test_stats = fit(args, train_epoch, loader_train, checkpoint_model or unwrap(model), optimizer,
-                              loss_scaler, evaluate_epoch)
+                              loss_scaler, evaluate_epoch, progress=progress)
     return classifier_result(args, final_stats or test_stats, history)
 
 

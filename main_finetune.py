@@ -190,7 +190,8 @@ def main(args):
     mixup_fn = build_mixup(args)
     criterion = build_criterion(args, mixup_fn)
     print(f"criterion = {criterion}")
-    load_model(args, model_without_ddp, optimizer, loss_scaler)
+    progress = {"max_accuracy": 0.0}  # the best top-1 so far: saved in every checkpoint, restored on a resume
+    load_model(args, model_without_ddp, optimizer, loss_scaler, progress=progress)
     input_fn = pixel_fn(args)
 
     if args.eval:
@@ -200,7 +201,7 @@ def main(args):
         return test_stats
 
     return fit_classifier(args, model, criterion, loader_train, loader_val, optimizer, loss_scaler, device,
-                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+                          input_fn=input_fn, mixup_fn=mixup_fn, max_norm=args.clip_grad, progress=progress)
 
 
 if __name__ == "__main__":

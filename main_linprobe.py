@@ -16,6 +16,7 @@ from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.contrastive import GlobalBatchNorm1d
 from util.distributed import all_gather_rows, cleanup_distributed, get_world_size, wrap_ddp
 from util.errors import UsageError
 from util.lars import LARS
@@ -44,6 +45,10 @@ def get_args_parser():
     group.add_argument("--global_pool", action="store_true", default=False, help="mean-pool the image tokens")
     group.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the class token")
     group.add_argument("--nb_classes", default=1000, type=int)
+    group.add_argument("--sync_bn", action="store_true",
+                       help="under torchrun, the head's BatchNorm uses the statistics of the global batch, so N "
+                            "processes x batch b train as 1 x N*b (default: per process, as the reference); "
+                            "works on CPU (gloo) and GPU")
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--weight_decay", type=float, default=0.0)
@@ -85,7 +90,8 @@ def check_args(args):
 
 def build_model(args):
     """The classifier with head = BatchNorm1d(affine=False) + Linear (trunc-normal std 0.01); only the head
-    trains."""
+    trains. With --sync_bn the BatchNorm is util.contrastive.GlobalBatchNorm1d (global-batch statistics;
+    torch's SyncBatchNorm refuses CPU tensors)."""
     model = models_vit.MODELS[args.model](num_classes=args.nb_classes, global_pool=args.global_pool,
                                           **tokenizer_kwargs(args))
     check_input_size(model, args.input_size)
@@ -93,8 +99,8 @@ def build_model(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(models_vit.load_mage_checkpoint_into_classifier(model, args.finetune))
     trunc_normal_(model.head.weight, std=0.01)
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
-                                     model.head)
+    batch_norm = GlobalBatchNorm1d if args.sync_bn else torch.nn.BatchNorm1d  # the same state dict keys
+    model.head = torch.nn.Sequential(batch_norm(model.head.in_features, affine=False, eps=1e-6), model.head)
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     return model
@@ -158,7 +164,8 @@ def main(args):
     effective_lr(args)
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
-    load_model(args, model, optimizer, loss_scaler)
+    progress = {"max_accuracy": 0.0}  # the best top-1 so far: saved in every checkpoint, restored on a resume
+    load_model(args, model, optimizer, loss_scaler, progress=progress)
     loader_train, loader_val, input_fn = build_data(model, args)
     open_output_dir(args, expected_bytes=expected_checkpoint_size(model, optimizer_moments=1))  # usage checks done
 
@@ -169,7 +176,8 @@ def main(args):
         return test_stats
 
     return fit_classifier(args, head, torch.nn.CrossEntropyLoss(), loader_train, loader_val, optimizer, loss_scaler,
-                          device, input_fn=input_fn, checkpoint_model=model, eval_model=model.head)
+                          device, input_fn=input_fn, checkpoint_model=model, eval_model=model.head,
+                          progress=progress)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fine-tuning: layer-wise lr decay groups, lr schedule, Mixup/CutMix epoch under torchrun, normalisation."""
 import argparse
+import json
 import math
 import os
 
@@ -94,6 +95,8 @@ def test_torchrun_epoch_with_mixup_cutmix_randaugment_then_eval(tmp_path, image_
 
     checkpoint = load_checkpoint(out / "checkpoint-last.pth")
     assert checkpoint["epoch"] == 0 and checkpoint["args"].world_size == 2
+    logged = [json.loads(line)["test_acc1"] for line in open(out / "log.txt")]
+    assert checkpoint["max_accuracy"] == max(logged)  # restored by a resume (tests/test_linprobe.py)
     pretrained = load_checkpoint(mage_checkpoint)["model"]
     assert not torch.equal(checkpoint["model"]["blocks.0.mlp.fc1.weight"], pretrained["blocks.0.mlp.fc1.weight"])
     assert torch.equal(checkpoint["model"]["vqgan.quantize.embedding.weight"],

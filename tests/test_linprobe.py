@@ -1,4 +1,5 @@
 """Linear probe: frozen backbone, BatchNorm + linear head with LARS, cached features == uncached."""
+import json
 import os
 
 import pytest
@@ -13,6 +14,7 @@ from util.lars import LARS
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+HEAD_KEYS = ("head.1.weight", "head.1.bias", "head.0.running_mean", "head.0.running_var")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_cached_features_give_the_same_probe_and_beat_chance(tmp_path, setup):
     assert cached["acc1"] >= 45.0  # 4 classes: chance is 25 % (this random backbone reaches ~58 %)
     head_plain = load_checkpoint(tmp_path / "plain" / "checkpoint-last.pth")["model"]
     head_cached = load_checkpoint(tmp_path / "cached" / "checkpoint-last.pth")["model"]
-    for key in ("head.1.weight", "head.1.bias", "head.0.running_mean", "head.0.running_var"):
+    for key in HEAD_KEYS:
         torch.testing.assert_close(head_plain[key], head_cached[key], rtol=1e-4, atol=1e-5)
 
 
@@ -82,6 +84,37 @@ def test_torchrun_cached_probe_gathers_features_from_both_processes(tmp_path, se
                                                          "--batch_size", 8, "--epochs", 2))
     assert "Accuracy on the 64 test images" in result.stdout
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_sync_bn_makes_two_processes_of_8_train_as_one_of_16(tmp_path, setup):
+    """--sync_bn: the head's BatchNorm normalises over the global batch, so 2 x 8 gives the 1 x 16 head (to float
+    rounding: the cached features come from other batches). Without it the statistics are per process."""
+    single = tmp_path / "single"
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, single, "--cache_features", "--epochs", 2)))
+    synced = tmp_path / "synced"
+    result = run_torchrun("main_linprobe.py", probe_args(setup, synced, "--cache_features", "--epochs", 2,
+                                                         "--batch_size", 8, "--sync_bn"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    head_single = load_checkpoint(single / "checkpoint-last.pth")["model"]
+    head_synced = load_checkpoint(synced / "checkpoint-last.pth")["model"]
+    for key in HEAD_KEYS:
+        torch.testing.assert_close(head_synced[key], head_single[key], rtol=1e-4, atol=1e-5)
+
+
+def test_max_accuracy_survives_a_resume(tmp_path, setup, capsys):
+    out = tmp_path / "out"
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, out, "--cache_features", "--epochs", 2)))
+    logged = [json.loads(line)["test_acc1"] for line in open(out / "log.txt")]
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["max_accuracy"] == max(logged)
+    checkpoint["max_accuracy"] = 99.0  # as if an earlier epoch had reached 99 %
+    torch.save(checkpoint, out / "checkpoint-last.pth")
+    capsys.readouterr()
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, out, "--cache_features", "--epochs", 3,
+                                                       "--auto_resume")))
+    assert "(max 99.00%)" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint-last.pth")["max_accuracy"] == 99.0
 
 
 def test_checkpoint_that_does_not_fit_stops_with_key_names(tmp_path, setup):

@@ -328,8 +328,10 @@ def _append_log_line(args, log_stats):
                              f"({format_bytes(shutil.disk_usage(args.output_dir).free)} free)") from None
 
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, log_stats=None):
-    """Write {model, optimizer, scaler, epoch, args, log_stats} atomically (rank 0).
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, log_stats=None, extra=None):
+    """Write {model, optimizer, scaler, epoch, args, log_stats, **extra} atomically (rank 0).
+
+    `extra`: more training state to resume, e.g. {"max_accuracy": 81.2} (load_model's `progress`).
 
     Without `name`: `save_epoch` (checkpoint-{epoch}.pth every --save_every epochs and after the last epoch, the
     log.txt line `log_stats`, then checkpoint-last.pth). With `name`: checkpoint-{name}.pth only. Returns the
@@ -341,7 +343,7 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
     if is_main_process():
         state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-                 "epoch": epoch, "args": args_for_checkpoint(args), "log_stats": log_stats}
+                 "epoch": epoch, "args": args_for_checkpoint(args), "log_stats": log_stats, **(extra or {})}
         if name is not None:
             paths = [os.path.join(args.output_dir, f"checkpoint-{name}.pth")]
             save_checkpoint_atomic(state, paths[0])
@@ -435,11 +437,12 @@ def resolve_resume_path(args):
     return ""
 
 
-def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None):
+def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None, progress=None):
     """Resume from --resume (file or folder) or --auto_resume: model, optimizer, scaler; start at epoch + 1.
 
-    Returns the checkpoint path used, or '' when there is nothing to resume. Mismatching keys raise
-    CheckpointError with the key names.
+    `progress`: a dict of training state that save_model's `extra` stored (e.g. {"max_accuracy": 0.0}); its
+    entries are replaced by the checkpoint's when training resumes. Returns the checkpoint path used, or ''
+    when there is nothing to resume. Mismatching keys raise CheckpointError with the key names.
     """
     path = resolve_resume_path(args)
     if not path:
@@ -454,5 +457,7 @@ def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None):
         args.start_epoch = checkpoint["epoch"] + 1
         if loss_scaler is not None and checkpoint.get("scaler") is not None:
             loss_scaler.load_state_dict(checkpoint["scaler"])
+        if progress is not None:
+            progress.update({key: checkpoint[key] for key in progress if key in checkpoint})
         print(f"Resumed optimizer and scaler; continuing at epoch {args.start_epoch}")
     return path
