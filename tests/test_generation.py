@@ -1,5 +1,6 @@
 """gen_img_uncond.py end to end on CPU: same files for any number of processes (same batch size and threads),
 resume after a kill, checkpoint errors before any work, FID evaluation written to metrics.json."""
+import argparse
 import glob
 import json
 import math
