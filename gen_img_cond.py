@@ -31,7 +31,6 @@ from util.checkpoint import save_json_atomic
 from util.errors import UsageError
 from util.precision import autocast
 from util.run import setup_run
-from util.perf import tokenizer_dtype
 from util.sampling import CFG_SCHEDULES, class_image_generators, decode_tokens, iterative_decode
 
 GRID_CLASSES = 16
@@ -97,7 +96,7 @@ def settings_of(args, model, class_ids):
             "num_images_per_class": args.num_images_per_class, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
             "temp": args.temp, "num_iter": args.num_iter, "seed": args.seed, "amp": args.amp,
             "device_type": args.device.type, "fused_attn": args.fused_attn,
-            "tokenizer_dtype": str(tokenizer_dtype(args, args.device)), "channels_last": args.channels_last}
+            "tokenizer_dtype": args.tokenizer_dtype, "channels_last": args.channels_last}
 
 
 def run_folder(args):
