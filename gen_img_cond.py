@@ -53,7 +53,9 @@ def get_args_parser():
     sampling.add_argument("--temp", default=4.5, type=float, help="choice temperature")
     sampling.add_argument("--num_iter", default=12, type=int, help="decoding steps")
     sampling.add_argument("--batch_size", default=32, type=int,
-                          help="images per forward pass per process (guidance doubles the rows of a pass)")
+                          help="images per forward pass per process (guidance doubles the rows of a pass); the files "
+                               "are the same for the same batch size, thread count and device kind (another "
+                               "batch size may change some images)")
     sampling.add_argument("--output_dir", default="output_dir")
     evaluation = generation.add_fid_args(parser)
     evaluation.add_argument("--eval_classifier", default="",

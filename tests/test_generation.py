@@ -91,8 +91,6 @@ def test_rerun_skips_written_images(ckpt, reference_run, capsys):
     assert {f: os.path.getmtime(f) for f in before} == before
 
 
-
-
 @pytest.mark.slow
 def test_same_files_for_two_processes(ckpt, reference_run, tmp_path):
     run_torchrun("gen_img_uncond.py", [*COMMON, "--ckpt", ckpt, "--batch_size", 2, "--output_dir", tmp_path])
@@ -118,27 +116,24 @@ def test_missing_inception_weights_fail_before_any_work(ckpt, tmp_path):
 
 def test_wrong_inception_weights_fail_before_any_png(ckpt, reference_run, tmp_path):
     """A file that loads but is not torch-fidelity's InceptionV3 stops the run up front, in one line."""
-    refs = os.path.join(os.path.dirname(reference_run[0]), "refs", "val", "class_0_ellipse")
     torch.save({"a": torch.zeros(3)}, tmp_path / "w.pth")
-    result = generate(["--ckpt", ckpt, "--output_dir", str(tmp_path / "out"), "--eval_fid", "--fid_ref", refs,
-                       "--fid_weights", str(tmp_path / "w.pth")], check=False)
-    assert result.returncode == 1, result.stderr[-3000:]
-    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "keys missing" in error_lines[0] and "1 unexpected" in error_lines[0]
+    with pytest.raises(FidWeightsError, match=r"keys missing .*1 unexpected") as error:
+        generate("--ckpt", ckpt, "--output_dir", tmp_path / "out", "--eval_fid", "--fid_ref", reference_run[1],
+                 "--fid_weights", tmp_path / "w.pth")
+    assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.slow
 def test_inception_path_runs_offline_with_a_local_weights_file(ckpt, reference_run, random_inception_weights,
-                                                                tmp_path):
+                                                                tmp_path, capsys):
     """--fid_weights FILE with torch-fidelity's real Inception architecture (random weights here): the check up
     front passes and the evaluation writes metrics.json, without any network."""
-    refs = os.path.join(os.path.dirname(reference_run[0]), "refs", "val", "class_0_ellipse")
     output_dir = tmp_path / "copy"
     shutil.copytree(reference_run[0], output_dir)
-    result = generate(["--ckpt", ckpt, "--batch_size", "2", "--output_dir", str(output_dir), "--eval_fid",
-                       "--fid_ref", refs, "--fid_weights", random_inception_weights])
-    assert "0 to generate" in result.stdout
+    generate("--ckpt", ckpt, "--batch_size", 2, "--output_dir", output_dir, "--eval_fid",
+             "--fid_ref", reference_run[1], "--fid_weights", random_inception_weights)
+    assert "0 to generate" in capsys.readouterr().out
     with open(output_dir / RUN_NAME / "metrics.json") as f:
         report = json.load(f)
     assert report["feature_extractor"] == "inception-v3-compat"

@@ -3,8 +3,10 @@ sharding of fixed batches over the ranks, resume by skipping written PNGs, atomi
 FID/IS evaluation.
 
 Items are numbered 0..N-1 and each script maps an item to its PNG path. Batches are fixed chunks of those
-numbers, dealt out round-robin to the ranks, and every image has its own random generator, so any batch size
-or number of processes writes the same files, and a rerun only generates what is missing.
+numbers, dealt out round-robin to the ranks, and every image has its own random generator, so any number of
+processes writes the same files for the same per-process batch size, thread count and device kind (another
+batch size or thread count may change some images: matmul kernels block the work differently and near-tied
+tokens flip), and a rerun only generates what is missing.
 """
 import hashlib
 import json
