@@ -60,6 +60,13 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tokenizer_config(tmp_path_factory):
+    """A 32-pixel tokenizer config (train_support.write_tokenizer_config) in a temporary folder."""
+    from train_support import write_tokenizer_config
+    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 4-class ImageFolder (train 8/class, val 4/class, 64x64) in a temporary folder."""

@@ -11,8 +11,7 @@ import main_pretrain
 from conftest import DATA_DIR, write_image_folder
 from engine_pretrain import conditioning_labels, global_label_drop
 from models_mage import NO_CLASS, mage_vit_tiny_patch16
-from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun,
-                           write_tokenizer_config)
+from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun)
 import engine_pretrain
 from util.errors import UsageError
 from util.seeding import seed_everything
@@ -210,11 +209,6 @@ def test_training_sees_the_dropped_labels_as_no_class():
 # --------------------------------------------------------------------------------------------------------
 # main_pretrain.py --class_cond
 # --------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer_config(tmp_path_factory):
-    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
-
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

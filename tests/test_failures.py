@@ -1,7 +1,6 @@
 """What survives kills, concurrent runs, reruns, read-only and full disks (README "Failures")."""
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -15,8 +14,7 @@ import torch
 
 import main_pretrain
 from conftest import REPO_ROOT, write_image_folder
-from train_support import (max_abs_difference, parse, pretrain_args, run_script, script_env,
-                           write_tokenizer_config)
+from train_support import (file_sha256 as sha256, max_abs_difference, parse, pretrain_args, run_script, script_env)
 from util.checkpoint import (CHECKPOINT_LAST, KILL_HOOK, expected_checkpoint_size, load_checkpoint,
                              repair_run_files, save_checkpoint_atomic)
 from util.errors import DiskWriteError, TrainingError
@@ -27,18 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_config(tmp_path_factory):
-    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
-
-
-@pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("shapes"), splits=(("train", 4),))
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def log_epochs(folder):

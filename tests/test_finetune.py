@@ -10,7 +10,7 @@ import torch
 import main_finetune
 import models_vit
 import util.lr_sched as lr_sched
-from train_support import parse, run_torchrun, write_tokenizer_config
+from train_support import parse, run_torchrun
 from util import datasets
 from util.checkpoint import load_checkpoint
 from util.errors import UsageError
@@ -18,11 +18,6 @@ from util.lr_decay import param_groups_lrd
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_config(tmp_path_factory):
-    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
 
 
 @pytest.fixture(scope="module")

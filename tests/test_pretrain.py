@@ -1,6 +1,5 @@
 """Pre-training pipeline: torchrun DDP, exact DDP/resume equivalence, atomic checkpoints, failure messages."""
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -11,8 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main_pretrain
 from conftest import write_image_folder
-from train_support import (max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun,
-                           write_tokenizer_config)
+from train_support import (file_sha256 as sha256, max_abs_difference, model_state, parse, pretrain_args, run_script, run_torchrun)
 from util.checkpoint import CheckpointError, load_checkpoint
 from util.errors import TrainingError, UsageError
 from util.seeding import seed_everything
@@ -22,19 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_config(tmp_path_factory):
-    return write_tokenizer_config(str(tmp_path_factory.mktemp("config")))
-
-
-@pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """4 shape classes, 8 training images each, 64 pixels (cropped/resized to 32)."""
     return write_image_folder(tmp_path_factory.mktemp("shapes"), splits=(("train", 8),))
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def read_log(output_dir):

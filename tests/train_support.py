@@ -1,5 +1,6 @@
 """Helpers for the tests: a 32-pixel tokenizer config, texture data, and the one way to run a script or torchrun."""
 import glob
+import hashlib
 import os
 import random
 import signal
@@ -133,6 +134,11 @@ def kill_when_written(script, argv, pattern, count, timeout=120):
     process.send_signal(signal.SIGKILL)
     process.wait()
     return len(glob.glob(pattern))
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def model_state(path):
