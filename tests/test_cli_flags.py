@@ -44,6 +44,12 @@ def test_the_scripts_are_found():
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_help_is_printable(name):
+    """`python SCRIPT --help` formats every flag's help (a bare % in a help string breaks it)."""
+    assert "--seed" in parser_of(name).format_help() or name == "prepare_imgnet_val"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_negative_switches_are_spelled_no_dash(name):
     for option, action in option_strings(parser_of(name)).items():
         assert not option.startswith("--no_"), f"{name}: {option} (use BooleanOptionalAction: --no-x)"

@@ -31,8 +31,9 @@ PERF_FLAGS = {
         help="precision of the frozen tokenizer. fp32 (default): float32, outside autocast; autocast: float32 "
              "weights under --amp (with --amp fp16 on a GPU, the reference's setting); bf16 / fp16: weights in "
              "that dtype, faster. Codes that stay as in fp32 (trained demo tokenizer, CPU): "
-             f"autocast bf16 {TOKENIZER_AGREEMENT['bf16_autocast']}, bf16 {TOKENIZER_AGREEMENT['bf16']}, "
-             f"fp16 {TOKENIZER_AGREEMENT['fp16']}. Codes are always chosen by float32 distances")),
+             + ", ".join(f"{name.replace('_', ' ')} {share}" for name, share in TOKENIZER_AGREEMENT.items()
+                         ).replace("%", "%%")  # argparse formats help with %
+             + ". Codes are always chosen by float32 distances")),
     "channels_last": (("--channels_last",), dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="channels_last layout for the tokenizer's convolutions (rounding only)")),
