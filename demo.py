@@ -8,11 +8,14 @@ Stages (each prints its progress; OUTPUT_DIR/<stage>/ holds its files):
   data       the procedural labelled ImageFolder of util/synthetic_data.py
   tokenizer  VQGAN tokenizer training (main_tokenizer.py)
   pretrain   the tokens of the training images and their flips, cached once (main_cache_tokens.py --views
-             flips), + MAGE pre-training on them (main_pretrain.py --cached_tokens)
-  generate   unconditional samples (gen_img_uncond.py) and an inpainting example (edit_img.py)
+             flips), + class-conditional MAGE pre-training on them with label dropout (main_pretrain.py
+             --cached_tokens --class_cond): one model for conditional and unconditional sampling
+  generate   unconditional samples through the "no class" token (gen_img_uncond.py), class-conditional samples
+             at a few guidance scales (gen_img_cond.py --cfg) and an inpainting example (edit_img.py)
   probe      linear probe of the encoder (main_linprobe.py) and the same logistic regression on MAGE
              features and on raw pixels (util/synthetic_data.fit_linear_probe), on the same split
-  classes    a small CNN trained on the real train split (util/judge.py) labels the samples: class histogram
+  classes    a small CNN trained on the real train split (util/judge.py) labels the samples: the class
+             histogram of the unconditional ones, the accuracy (overall, per class) of the conditional ones
   fid        FID/IS of the samples against the val split when Inception weights are on disk, else skipped
 
 Each stage is a function that runs the scripts' main() (printing the equivalent command) and returns a small
@@ -36,6 +39,7 @@ from typing import Callable, NamedTuple
 import torch
 
 import edit_img
+import gen_img_cond
 import gen_img_uncond
 import main_cache_tokens
 import main_linprobe
@@ -58,8 +62,10 @@ PRESETS = {
         "data": {"num_train": 500, "num_val": 60},
         "tokenizer": {"flags": ["--epochs", 5, "--channels_last"]},
         "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 70, "batch_size": 64, "lr": 2e-3,
-                     "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False},
-        "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8},
+                     "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
+                     "label_drop_prob": 0.1},
+        "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8,
+                     "num_per_class": 64, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0, 6.0], "cfg_schedule": "constant"},
         "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
         "classes": {"epochs": 6, "batch_size": 64},
     },
@@ -67,8 +73,10 @@ PRESETS = {
         "data": {"num_train": 16, "num_val": 4},
         "tokenizer": {"flags": ["--quick", "--print_freq", 2]},  # a loss point every 2 of its 8 steps
         "pretrain": {"model": "mage_vit_demo", "num_views": 1, "epochs": 3, "batch_size": 16, "lr": 1.5e-3,
-                     "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False},
-        "generate": {"num_images": 16, "num_iter": 4, "temp": 4.5, "batch_size": 16, "num_inpaint": 4},
+                     "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
+                     "label_drop_prob": 0.1},
+        "generate": {"num_images": 16, "num_iter": 4, "temp": 4.5, "batch_size": 16, "num_inpaint": 4,
+                     "num_per_class": 2, "cfg": 1.0, "cfg_sweep": [0.0], "cfg_schedule": "constant"},
         "probe": {"epochs": 3, "batch_size": 64, "blr": 1.0, "warmup_epochs": 1},
         "classes": {"epochs": 2, "batch_size": 64},
     },
@@ -218,7 +226,8 @@ def stage_pretrain(ctx, folder):
         "--input_size", ctx.resolution, "--data_path", ctx.path("data"), "--cached_tokens", cache["output_dir"],
         "--batch_size", preset["batch_size"], "--epochs", preset["epochs"], "--lr", preset["lr"],
         "--warmup_epochs", preset["warmup_epochs"], "--weight_decay", preset["weight_decay"],
-        "--dropout", preset["dropout"], "--fused_attn" if preset["fused_attn"] else "--no-fused_attn",
+        "--dropout", preset["dropout"], "--class_cond", "--label_drop_prob", preset["label_drop_prob"],
+        "--fused_attn" if preset["fused_attn"] else "--no-fused_attn",
         "--output_dir", folder, "--log_dir", os.path.join(folder, "tb"),
         "--save_every", 0, "--vis_every", 0, "--auto_resume", "--device", ctx.device,
         "--seed", ctx.args.seed, "--num_workers", 0])
@@ -249,18 +258,34 @@ def generator_args(ctx, preset):
             "--seed", ctx.args.seed]
 
 
+def guidance_scales(preset):
+    """The guidance scales w of the sweep, the chosen one included, in increasing order."""
+    return sorted(set(preset["cfg_sweep"]) | {preset["cfg"]})
+
+
 def stage_generate(ctx, folder):
+    """Unconditional samples (the class-conditional model's "no class" token), class-conditional samples at
+    every guidance scale of the sweep, and inpainting."""
     preset = ctx.preset["generate"]
     result = run_main(gen_img_uncond, generator_args(ctx, preset) + [
         "--num_images", preset["num_images"], "--output_dir", folder])
     plots.enlarge(result["grid"], ctx.path("pictures", "samples.png"), ctx.scale)
+    conditional = {}
+    for cfg in guidance_scales(preset):
+        run = run_main(gen_img_cond, generator_args(ctx, preset) + [
+            "--num_images_per_class", preset["num_per_class"], "--cfg", cfg, "--cfg_schedule",
+            preset["cfg_schedule"], "--output_dir", os.path.join(folder, "conditional")])
+        conditional[f"{cfg:g}"] = ctx.relative(run["image_dir"])
     inpaint(ctx, folder, preset)
     return {"image_dir": ctx.relative(result["image_dir"]), "num_images": result["num_images"],
-            "num_iter": preset["num_iter"], "temp": preset["temp"]}
+            "num_iter": preset["num_iter"], "temp": preset["temp"], "conditional_dirs": conditional,
+            "num_per_class": preset["num_per_class"], "cfg": preset["cfg"], "cfg_schedule": preset["cfg_schedule"]}
 
 
 def describe_generate(result):
-    return f"{result['num_images']} samples, {result['num_iter']} steps, temperature {result['temp']:g}"
+    scales = ", ".join(result["conditional_dirs"])
+    return (f"{result['num_images']} unconditional samples + {result['num_per_class']} per class at w = {scales}; "
+            f"{result['num_iter']} steps, temperature {result['temp']:g}")
 
 
 def inpaint(ctx, folder, preset):
@@ -341,15 +366,56 @@ def stage_classes(ctx, folder):
     plots.save_rows([samples[predicted == c][:10] for c in range(len(classes))],
                     ctx.path("pictures", "samples_by_class.png"), ctx.scale,
                     labels=[f"{name} ({int((predicted == c).sum())})" for c, name in enumerate(classes)])
+    conditional = {cfg: judge_conditional(ctx, model, ctx.path(image_dir))
+                   for cfg, image_dir in ctx.results["generate"]["conditional_dirs"].items()}
+    chosen = f"{ctx.results['generate']['cfg']:g}"
+    conditional_pictures(ctx, conditional, chosen)
     return {"classifier_val_acc": 100 * val_acc, "num_samples": len(paths),
             "histogram": dict(zip(classes, fractions)), "min_class_fraction": min(fractions),
-            "collapsed": min(fractions) < MIN_CLASS_FRACTION}
+            "collapsed": min(fractions) < MIN_CLASS_FRACTION, "cfg": float(chosen),
+            "conditional_accuracy_pct": conditional[chosen]["accuracy_pct"],
+            "conditional_per_class_pct": conditional[chosen]["per_class_pct"],
+            "guidance_sweep": {cfg: {k: v for k, v in report.items() if k != "samples"}
+                               for cfg, report in conditional.items()}}
+
+
+def judge_conditional(ctx, model, image_dir):
+    """The judge's accuracy on the class-conditional samples of one guidance scale: overall and per class, in
+    percent (a sample counts when the judge names the class it was generated for). gen_img_cond.py writes
+    image_dir/<class id, 4 digits>/<k>.png."""
+    classes = ctx.results["data"]["classes"]
+    paths = sorted(glob.glob(os.path.join(image_dir, "*", "*.png")))
+    intended = torch.tensor([int(os.path.basename(os.path.dirname(p))) for p in paths])
+    samples = judge.load_images(paths)
+    predicted = judge.predict(model, samples, ctx.device)
+    per_class = judge.per_class_accuracy(predicted, intended, len(classes))
+    return {"accuracy_pct": 100 * (predicted == intended).float().mean().item(),
+            "per_class_pct": {name: 100 * acc for name, acc in zip(classes, per_class)},
+            "samples": [samples[intended == c] for c in range(len(classes))]}
+
+
+def conditional_pictures(ctx, conditional, chosen):
+    """class_conditional.png: a row of samples per class at the chosen guidance scale, labelled with the class
+    and the judge's accuracy; guidance_sweep.png: accuracy (overall and of the worst class) against w."""
+    report = conditional[chosen]
+    labels = [f"{name.split('_', 1)[-1]} ({acc:.0f}%)" for name, acc in report["per_class_pct"].items()]
+    plots.save_rows([samples[:10] for samples in report["samples"]], ctx.path("pictures", "class_conditional.png"),
+                    ctx.scale, labels=labels)
+    scales = sorted(conditional, key=float)
+    plots.line_plot([float(w) for w in scales],
+                    {"all classes": [conditional[w]["accuracy_pct"] for w in scales],
+                     "worst class": [min(conditional[w]["per_class_pct"].values()) for w in scales]},
+                    ctx.path("pictures", "guidance_sweep.png"), xlabel="guidance scale w",
+                    ylabel="judge accuracy of the samples (%)", title="class-conditional samples",
+                    highlight=float(chosen), ylim=(0, 102))
 
 
 def describe_classes(result):
     verdict = "collapsed" if result["collapsed"] else "not collapsed"
-    return (f"rarest sample class {100 * result['min_class_fraction']:.1f}% ({verdict}); classifier val "
-            f"accuracy {result['classifier_val_acc']:.1f}%")
+    return (f"conditional {result['conditional_accuracy_pct']:.1f}% right (worst class "
+            f"{min(result['conditional_per_class_pct'].values()):.1f}%) at w = {result['cfg']:g}; unconditional "
+            f"rarest class {100 * result['min_class_fraction']:.1f}% ({verdict}); judge val "
+            f"{result['classifier_val_acc']:.1f}%")
 
 
 def fid_weights(ctx):
@@ -480,7 +546,9 @@ def make_summary(ctx, total_time, load_start):
         "linprobe_acc": probe["mage_logreg_acc"], "raw_pixel_acc": probe["raw_pixel_logreg_acc"],
         "linprobe_lars_acc": probe["linprobe_lars_acc"],
         "sample_class_histogram": classes["histogram"], "samples_collapsed": classes["collapsed"],
-        "classifier_val_acc": classes["classifier_val_acc"], "fid": ctx.results["fid"],
+        "classifier_val_acc": classes["classifier_val_acc"], "cfg": classes["cfg"],
+        "class_conditional_accuracy_pct": classes["conditional_accuracy_pct"],
+        "class_conditional_per_class_pct": classes["conditional_per_class_pct"], "fid": ctx.results["fid"],
         "stages": {stage.name: {"result": ctx.results[stage.name], "time_s": ctx.times[stage.name],
                                 "skipped": stage.name in ctx.skipped} for stage in STAGES},
         "total_time_s": round(total_time, 1),
@@ -499,7 +567,10 @@ def print_table(summary):
     rule = "-" * (width + 26)
     lines = [f"{'stage':<10} {'result':<{width}} {'time':>14}", rule]
     lines += [f"{name:<10} {result:<{width}} {elapsed:>14}" for name, result, elapsed in rows]
+    per_class = "  ".join(f"{name.split('_', 1)[-1]} {acc:.0f}%"
+                          for name, acc in summary["class_conditional_per_class_pct"].items())
     lines += [rule, f"{'samples':<10} {histogram}",
+              f"{'w = ' + format(summary['cfg'], 'g'):<10} {per_class}",
               f"{'total':<10} {'':<{width}} {summary['total_time_s']:>12.0f} s",
               f"load average {summary['load_average']['start'][0]:.2f} at start, "
               f"{summary['load_average']['end'][0]:.2f} at end ({summary['cpu_count']} CPUs, device "

@@ -18,7 +18,8 @@ from conftest import REPO_ROOT
 from util import plots
 from train_support import run_command
 
-PICTURES = ("reconstructions.png", "samples.png", "samples_by_class.png", "inpainting.png", "loss_curves.png")
+PICTURES = ("reconstructions.png", "samples.png", "samples_by_class.png", "inpainting.png", "loss_curves.png",
+            "class_conditional.png", "guidance_sweep.png")
 STAGE_NAMES = [stage.name for stage in demo.STAGES]
 
 
@@ -83,6 +84,24 @@ def test_every_stage_reports_its_numbers(runs):
     preset = demo.PRESETS["quick"]
     steps_per_epoch = 8 * preset["data"]["num_train"] // preset["pretrain"]["batch_size"]
     assert stages["pretrain"]["steps"] == preset["pretrain"]["epochs"] * steps_per_epoch
+    # class-conditional samples: num_per_class of every class at every guidance scale of the sweep, and
+    # accuracies that count them (equal counts per class: the overall accuracy is the mean of the classes')
+    generate = preset["generate"]
+    sweep = stages["classes"]["guidance_sweep"]
+    assert list(sweep) == [f"{w:g}" for w in demo.guidance_scales(generate)] == \
+        list(stages["generate"]["conditional_dirs"])
+    for scale, image_dir in stages["generate"]["conditional_dirs"].items():
+        class_dirs = sorted(os.listdir(out / image_dir))
+        assert class_dirs == [f"{c:04d}" for c in range(len(classes))]
+        assert all(len(os.listdir(out / image_dir / d)) == generate["num_per_class"] for d in class_dirs)
+        per_class = sweep[scale]["per_class_pct"]
+        assert list(per_class) == classes
+        assert [p * generate["num_per_class"] / 100 for p in per_class.values()] == \
+            pytest.approx([round(p * generate["num_per_class"] / 100) for p in per_class.values()], abs=1e-6)
+        assert sweep[scale]["accuracy_pct"] == pytest.approx(sum(per_class.values()) / len(classes))
+    assert summary["cfg"] == generate["cfg"]
+    assert summary["class_conditional_per_class_pct"] == sweep[f"{generate['cfg']:g}"]["per_class_pct"]
+    assert summary["class_conditional_accuracy_pct"] == sweep[f"{generate['cfg']:g}"]["accuracy_pct"]
     fid = summary["fid"]
     assert ("skipped" in fid and "Inception" in fid["skipped"]) or math.isfinite(fid["fid"])
     # the progress log names every stage, and the table ends the run

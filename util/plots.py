@@ -98,3 +98,21 @@ def loss_curves(panels, path, panel_size=(4.6, 3.2), dpi=100):
         axes.set_ylim(low - margin, high + margin)
         axes.legend(fontsize=8, loc="upper right")
     figure.savefig(path)
+
+
+def line_plot(xs, series, path, xlabel, ylabel, title="", highlight=None, ylim=None, size=(5.0, 3.4), dpi=100):
+    """One axes of lines with markers: series maps a legend label to ys (one per x); `highlight` marks an x
+    with a dashed vertical line (the chosen setting)."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=size, dpi=dpi, layout="constrained")
+    axes = figure.subplots()
+    for label, ys in series.items():
+        axes.plot(xs, ys, marker="o", linewidth=2, label=label)
+    if highlight is not None:
+        axes.axvline(highlight, color="gray", linestyle="--", linewidth=1, label="chosen")
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(path)
