@@ -126,10 +126,17 @@ def test_rerun_of_a_finished_probe_reports_the_whole_run(tmp_path, setup):
 @pytest.mark.slow
 def test_torchrun_cached_probe_gathers_features_from_both_processes(tmp_path, setup):
     out = tmp_path / "out"
-    result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_features", "--dist_eval",
+    result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_views", 2, "--dist_eval",
                                                          "--batch_size", 8, "--epochs", 2))
     assert "Accuracy on the 64 test images" in result.stdout
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+    # each view holds every image once, whichever process computed it: the single-process cache
+    single = tmp_path / "single"
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, single, "--cache_views", 2, "--epochs", 2)))
+    for view in range(2):
+        torch.testing.assert_close(np.load(feature_cache.view_path(out / feature_cache.FOLDER, view)),
+                                   np.load(feature_cache.view_path(single / feature_cache.FOLDER, view)),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
