@@ -69,7 +69,7 @@ def get_args_parser():
                             "crop of epoch v) and train epoch e on view e mod K, so crops repeat every K epochs; "
                             "the features are stored in OUTPUT_DIR/features (float32, K x images x dim; in memory "
                             "without --output_dir) and reused by a rerun with the same settings. 0 (default): "
-                            "new crops every epoch, as the reference; K >= --epochs trains as 0 does")
+                            "new crops every epoch, as the reference; K = --epochs trains as 0 does")
     group.add_argument("--cache_features", action="store_true",
                        help="the same as --cache_views 1 (one crop per training image for all epochs)")
     group.add_argument("--train_aug", action=argparse.BooleanOptionalAction, default=True,
@@ -98,7 +98,7 @@ def check_args(args):
         args.cache_views = 1
     if args.cache_views < 0:
         raise UsageError(f"--cache_views must be 0 (no cache) or a number of views; got {args.cache_views}")
-    if args.cache_views > args.epochs:
+    if args.cache_views > args.epochs and not args.eval:
         raise UsageError(f"--cache_views {args.cache_views} is more than --epochs {args.epochs}: views after "
                          f"the {args.epochs}th would never be used")
     if args.cache_views > 1 and not args.train_aug:
