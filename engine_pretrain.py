@@ -1,10 +1,13 @@
 """One epoch of MAGE pre-training, plus the periodic tensorboard image grid.
 
-Masks are drawn for the whole global batch from a generator seeded by (seed, epoch, step), and each process
-takes the rows of its own samples (DistributedSampler deals samples out round-robin, so process r holds
-global rows r, r + world, ...). A run on N processes with batch b therefore sees exactly the data and masks
-of one process with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
+Masks are drawn for the whole global batch, and each process takes the rows of its own samples
+(DistributedSampler deals samples out round-robin, so process r holds global rows r, r + world, ...). The
+masked positions come from a generator seeded by (seed, epoch, step); the mask ratio is drawn once per group of
+--mask_ratio_group consecutive global rows, from (seed, epoch, step, group), as the reference draws one per GPU
+for its 64 images. A run on N processes with batch b therefore sees exactly the data and masks of one process
+with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
 """
+import numpy as np
 import torch
 import torchvision
 
@@ -19,6 +22,7 @@ from util.seeding import derive_seed
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
 LABEL_DROP_STREAM = 2 ** 31 + 1  # seeds the label dropout apart from the masks (which stay as without labels)
+MASK_RATIO_STREAM = 2 ** 31 + 2  # seeds the per-group mask ratios apart from the masked positions
 
 
 def split_batch(batch, device):
@@ -35,13 +39,48 @@ def split_batch(batch, device):
     return None, samples.long(), labels
 
 
-def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
-    """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch."""
-    world, rank = get_world_size(), get_rank()
+def group_mask_rates(ratio_distribution, global_bsz, group_size, seed, epoch, step):
+    """(global_bsz,) float64 mask ratios, one per group of `group_size` consecutive global rows (a last partial
+    group draws its own). Group g's ratio depends on (seed, epoch, step, g) only: the g-th word of one
+    SeedSequence, turned into a uniform and through the distribution's inverse CDF."""
+    groups = -(-global_bsz // group_size)
+    words = np.random.SeedSequence([int(seed), int(epoch), int(step), MASK_RATIO_STREAM]).generate_state(
+        groups, dtype=np.uint64)
+    uniform = torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)  # [0, 1)
+    return ratio_distribution.quantile(uniform).repeat_interleave(group_size)[:global_bsz]
+
+
+def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step, group_size, rank=None,
+                       world=None):
+    """Rows rank, rank + world, ... (this process's by default) of the (token_drop_mask, token_all_mask) of
+    the global batch of local_bsz * world rows: positions from (seed, epoch, step), one ratio per group of
+    `group_size` global rows (group_mask_rates)."""
+    world = get_world_size() if world is None else world
+    rank = get_rank() if rank is None else rank
+    global_bsz = local_bsz * world
+    rates = group_mask_rates(model_without_ddp.mask_ratio_generator, global_bsz, group_size, seed, epoch, step)
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, epoch, step))
-    token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
+    token_drop_mask, token_all_mask = model_without_ddp.sample_masks(global_bsz, device, generator, rates)
     return token_drop_mask[rank::world], token_all_mask[rank::world]
+
+
+def group_loss_weights(token_all_mask, group_size, rank=None, world=None):
+    """(B,) loss weights of the rows rank, rank + world, ... of the global batch (token_all_mask: their masks).
+
+    The reference averages each GPU's masked-token mean loss over GPUs, so each mask-ratio group counts the
+    same whatever its ratio. Row i of group g (|g| rows, k_i masked tokens) gets world / (groups * |g| * k_i):
+    the weighted sums of all processes add up, times world, to the mean over groups of each group's masked-token
+    mean, and DDP's average of the gradients is that loss's gradient for any number of processes."""
+    world = get_world_size() if world is None else world
+    rank = get_rank() if rank is None else rank
+    local_bsz = token_all_mask.shape[0]
+    global_bsz = local_bsz * world
+    groups = -(-global_bsz // group_size)
+    group = torch.arange(rank, global_bsz, world, device=token_all_mask.device) // group_size
+    group_rows = (global_bsz - group * group_size).clamp(max=group_size)
+    masked = token_all_mask[:, 1:].sum(1)
+    return world / (groups * group_rows * masked)
 
 
 def global_label_drop(local_bsz, device, seed, epoch, step, prob):
@@ -81,12 +120,15 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         labels = conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, step, args)
         if vis_batch is None and log_writer is not None:
             vis_batch = (images, tokens, labels)
-        masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
+        masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step,
+                                   args.mask_ratio_group)
+        loss_weights = group_loss_weights(masks[1], args.mask_ratio_group)
         update = (step + 1) % accum_iter == 0
 
         with no_sync_if(model, not update):
             with autocast(device, args.amp):
-                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks, labels=labels)
+                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks, labels=labels,
+                                                loss_weights=loss_weights)
             loss_value = all_reduce_mean(loss.item())
             check_finite(loss_value, epoch, step)
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,

@@ -43,6 +43,10 @@ def get_args_parser():
     group.add_argument("--mask_ratio_max", type=float, default=1.0)
     group.add_argument("--mask_ratio_mu", type=float, default=0.55)
     group.add_argument("--mask_ratio_std", type=float, default=0.25)
+    group.add_argument("--mask_ratio_group", type=int, default=64,
+                       help="one mask ratio per group of this many consecutive samples of the global batch (per "
+                            "micro-batch), as the reference draws one per GPU for its 64 images; the same groups "
+                            "for any number of processes")
     group.add_argument("--dropout", type=float, default=0.1, help="dropout in embeddings, attention and MLPs")
     group.add_argument("--finetune", default="",
                        help="start from this MAGE checkpoint (released or ours); a class embedding it lacks starts "
@@ -91,6 +95,8 @@ def check_args(args):
                          f"{args.mask_ratio_min} and {args.mask_ratio_max}")
     if args.mask_ratio_std <= 0:
         raise UsageError(f"--mask_ratio_std must be positive, got {args.mask_ratio_std}")
+    if args.mask_ratio_group < 1:
+        raise UsageError(f"--mask_ratio_group must be at least 1, got {args.mask_ratio_group}")
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.warmup_epochs < 0:

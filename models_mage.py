@@ -190,6 +190,10 @@ class TruncatedNormal:
     def sample(self, n=1, generator=None):
         u = torch.rand(n, dtype=torch.float64, generator=generator,
                        device="cpu" if generator is None else generator.device).cpu()
+        return self.quantile(u)
+
+    def quantile(self, u):
+        """float64 uniforms in [0, 1) -> samples (the inverse CDF)."""
         u = self.cdf_low + u * (self.cdf_high - self.cdf_low)
         return (self.mu + self.std * torch.special.ndtri(u)).clamp(self.low, self.high)
 
@@ -317,15 +321,17 @@ class MaskedGenerativeEncoderViT(nn.Module):
         _, _, (_, _, indices) = self.vqgan.encode(imgs)
         return indices.reshape(imgs.shape[0], -1).long()
 
-    def sample_masks(self, bsz, device, generator=None):
-        """One mask ratio per call, random positions per sample.
+    def sample_masks(self, bsz, device, generator=None, mask_rates=None):
+        """Random positions per sample; one mask ratio per call drawn from `generator`, or the given
+        mask_rates (B,) float64, one per row (pre-training draws one per group of rows, engine_pretrain).
 
         Returns float (token_drop_mask, token_all_mask), each (B, seq_len + 1) with the class column 0:
         the ceil(L * mask_ratio_min) lowest-noise positions are dropped, the ceil(L * r) lowest are masked.
         """
-        mask_rate = float(self.mask_ratio_generator.sample(1, generator=generator)[0])
+        if mask_rates is None:
+            mask_rates = self.mask_ratio_generator.sample(1, generator=generator).expand(bsz)
         num_dropped = math.ceil(self.seq_len * self.mask_ratio_min)
-        num_masked = math.ceil(self.seq_len * mask_rate)
+        num_masked = (self.seq_len * mask_rates.double()).ceil().long().to(device).unsqueeze(1)  # (B, 1)
         noise_device = device if generator is None else generator.device
         noise = torch.rand(bsz, self.seq_len, generator=generator, device=noise_device).to(device)
         rank = noise.argsort(dim=1).argsort(dim=1)  # rank 0 = smallest noise; exact counts even with ties
@@ -386,19 +392,23 @@ class MaskedGenerativeEncoderViT(nn.Module):
         x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x_full + self.decoder_pos_embed_learned))
         return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
 
-    def forward_loss(self, gt_indices, logits, mask):
-        """Label-smoothed cross-entropy over the codebook, averaged over masked positions."""
+    def forward_loss(self, gt_indices, logits, mask, row_weights=None):
+        """Label-smoothed cross-entropy over the codebook at the masked positions: their mean, or with
+        row_weights (B,) the weighted sum of each row's summed loss (pre-training weighs its mask-ratio groups
+        equally, engine_pretrain.group_loss_weights)."""
         bsz, seq_len = gt_indices.shape
         logits = logits[:, 1:, :self.codebook_size].reshape(bsz * seq_len, -1).float()
         loss = self.criterion(logits, gt_indices.reshape(-1)).reshape(bsz, seq_len)
         mask = mask[:, 1:]
-        return (loss * mask).sum() / mask.sum()
+        if row_weights is None:
+            return (loss * mask).sum() / mask.sum()
+        return ((loss * mask).sum(1) * row_weights).sum()
 
-    def forward(self, imgs, gt_indices=None, masks=None, generator=None, labels=None):
+    def forward(self, imgs, gt_indices=None, masks=None, generator=None, labels=None, loss_weights=None):
         latent, gt_indices, token_drop_mask, token_all_mask = self.forward_encoder(
             imgs, gt_indices=gt_indices, masks=masks, generator=generator, labels=labels)
         logits = self.forward_decoder(latent, token_drop_mask, token_all_mask)
-        loss = self.forward_loss(gt_indices, logits, token_all_mask)
+        loss = self.forward_loss(gt_indices, logits, token_all_mask, loss_weights)
         return loss, imgs, token_all_mask
 
     def predict_logits(self, token_ids, labels=None):
