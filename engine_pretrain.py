@@ -4,6 +4,10 @@ Masks are drawn for the whole global batch from a generator seeded by (seed, epo
 takes the rows of its own samples (DistributedSampler deals samples out round-robin, so process r holds
 global rows r, r + world, ...). A run on N processes with batch b therefore sees exactly the data and masks
 of one process with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
+
+MAGE-C (--contrastive_weight > 0): every sample is two views; each view has its own masks (view 1's are
+plain MAGE's, view 2's come from another seed stream); the loss is the mean of the two views' reconstruction
+losses plus contrastive_weight x InfoNCE over the global batch (util.contrastive).
 """
 import torch
 import torchvision
@@ -12,6 +16,7 @@ import util.lr_sched as lr_sched
 from util.distributed import all_reduce_mean, get_rank, get_world_size, no_sync_if, unwrap
 from util.errors import check_finite
 from util.metrics import MetricLogger, SmoothedValue
+from util.contrastive import info_nce
 from util.precision import autocast
 from util.sampling import generate_images
 from util.seeding import derive_seed
@@ -19,6 +24,7 @@ from util.seeding import derive_seed
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
 LABEL_DROP_STREAM = 2 ** 31 + 1  # seeds the label dropout apart from the masks (which stay as without labels)
+VIEW_MASK_STREAM = 2 ** 31 + 2  # seeds the masks of MAGE-C's second view apart from the first view's
 
 
 def split_batch(batch, device):
@@ -35,11 +41,13 @@ def split_batch(batch, device):
     return None, samples.long(), labels
 
 
-def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
-    """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch."""
+def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step, view=0):
+    """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch.
+
+    view: MAGE-C's view index; view 0 draws plain MAGE's masks, view v > 0 its own from another seed stream."""
     world, rank = get_world_size(), get_rank()
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, epoch, step))
+    generator.manual_seed(derive_seed(seed, epoch, step, *([VIEW_MASK_STREAM + view] if view else [])))
     token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
     return token_drop_mask[rank::world], token_all_mask[rank::world]
 
@@ -62,8 +70,29 @@ def conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, ste
     return labels.long().masked_fill(drop, model_without_ddp.NO_CLASS)
 
 
+def views_first(batch_of_views):
+    """(B, V, ...) samples of V views -> (V*B, ...), view-major (rows [v*B, (v+1)*B) are view v); None stays."""
+    return None if batch_of_views is None else batch_of_views.transpose(0, 1).flatten(0, 1)
+
+
+def mage_c_loss(model, images, tokens, masks, labels, args):
+    """MAGE-C's step loss: both views through one forward of the (DDP) model, then InfoNCE on the head's
+    embeddings. images / tokens: (B, 2, ...); masks: one (drop, all) pair per view.
+    Returns (total loss, reconstruction loss, contrastive loss, contrastive accuracy, token_all_mask)."""
+    masks = tuple(torch.cat(per_view) for per_view in zip(*masks))
+    labels = None if labels is None else labels.repeat(2)
+    recon_loss, _, token_all_mask, embeddings = model(views_first(images), gt_indices=views_first(tokens),
+                                                      masks=masks, labels=labels, num_views=2)
+    first, second = embeddings.chunk(2)
+    contrastive_loss, accuracy = info_nce(first, second, args.contrastive_temperature)
+    loss = recon_loss + args.contrastive_weight * contrastive_loss
+    return loss, recon_loss, contrastive_loss, accuracy, token_all_mask
+
+
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
     model.train(True)
+    contrastive = getattr(args, "contrastive_weight", 0) > 0
+    num_views = 2 if contrastive else 1
     model_without_ddp = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     metric_logger = MetricLogger(delimiter="  ")
@@ -80,15 +109,23 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         local_bsz = (images if tokens is None else tokens).shape[0]
         labels = conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, step, args)
         if vis_batch is None and log_writer is not None:
-            vis_batch = (images, tokens, labels)
-        masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
+            vis_batch = (images, tokens, labels) if not contrastive else (
+                None if images is None else images[:, 0], None if tokens is None else tokens[:, 0], labels)
+        masks = [global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step, view)
+                 for view in range(num_views)]
         update = (step + 1) % accum_iter == 0
 
         with no_sync_if(model, not update):
             with autocast(device, args.amp):
-                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks, labels=labels)
+                if contrastive:
+                    loss, *parts, token_all_mask = mage_c_loss(model, images, tokens, masks, labels, args)
+                else:
+                    loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks[0], labels=labels)
             loss_value = all_reduce_mean(loss.item())
             check_finite(loss_value, epoch, step)
+            if contrastive:
+                contrastive_stats = dict(zip(("recon_loss", "contrastive_loss", "contrastive_acc"),
+                                             (all_reduce_mean(part.item()) for part in parts)))
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,
                                     update_grad=update)
         if update:
@@ -96,6 +133,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
         mask_ratio = token_all_mask[:, 1:].float().mean().item()
         metric_logger.update(loss=loss_value, lr=lr, mask_ratio=mask_ratio)
+        if contrastive:
+            metric_logger.update(**contrastive_stats)
         if grad_norm is not None:
             grad_norm = float(grad_norm)  # identical on every process: gradients are already synchronised
             metric_logger.update(grad_norm=grad_norm)
@@ -105,6 +144,9 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
             log_writer.add_scalar("lr", lr, epoch_1000x)
             log_writer.add_scalar("grad_norm", grad_norm, epoch_1000x)
             log_writer.add_scalar("mask_ratio", mask_ratio, epoch_1000x)
+            if contrastive:
+                for name, value in contrastive_stats.items():
+                    log_writer.add_scalar(f"train_{name}", value, epoch_1000x)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
