@@ -53,9 +53,10 @@ def plain_run(shapes, tokenizer_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mage_c_run(shapes, tokenizer_config, tmp_path_factory):
-    """2 epochs of MAGE-C with tensorboard events; (output folder, main()'s result)."""
+    """2 epochs of MAGE-C with tensorboard events and an image grid; (output folder, main()'s result)."""
     out = tmp_path_factory.mktemp("mage_c") / "run"
-    argv = pretrain_args(shapes, out, tokenizer_config, *COMMON, *MAGE_C, "--epochs", 2)
+    argv = pretrain_args(shapes, out, tokenizer_config, *COMMON, *MAGE_C, "--epochs", 2, "--vis_every", 2,
+                         "--vis_num", 2)
     argv[argv.index("--log_dir") + 1] = str(out)
     return out, main_pretrain.main(parse(main_pretrain, argv))
 
@@ -102,11 +103,12 @@ def test_head_is_saved_trained_and_logged(mage_c_run, plain_run):
     assert result["final_contrastive_acc"] == log[-1]["train_contrastive_acc"]
     assert result["final_recon_loss"] == log[-1]["train_recon_loss"]
 
-    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {"train_loss", *CONTRASTIVE_KEYS} <= scalars
+    assert {"train_loss", *CONTRASTIVE_KEYS} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("train_contrastive_loss")) == 4  # 2 steps x 2 epochs
+    grid = events.Images(events.Tags()["images"][0])[-1]  # of the first view: 4 rows of 2 images of 32 pixels
+    assert (grid.width, grid.height) == (2 * 32 + 3 * 2, 4 * 32 + 5 * 2)
 
 
 def test_resume_with_the_head_continues_exactly(mage_c_run, shapes, tokenizer_config, tmp_path):
