@@ -13,10 +13,10 @@ import torch
 import torchvision
 
 import util.lr_sched as lr_sched
+from util.contrastive import info_nce
 from util.distributed import all_reduce_mean, get_rank, get_world_size, no_sync_if, unwrap
 from util.errors import check_finite
 from util.metrics import MetricLogger, SmoothedValue
-from util.contrastive import info_nce
 from util.precision import autocast
 from util.sampling import generate_images
 from util.seeding import derive_seed

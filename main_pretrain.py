@@ -64,7 +64,8 @@ def get_args_parser():
 
     # MAGE-C. The MAGE paper adds "a contrastive loss to the encoder output"; the head, temperature, weight and
     # views are not in the paper text that could be read, so the defaults are CAN's (arXiv 2210.16870, the
-    # fallback of SPEC.md) unless a comment says otherwise; docs/mage_c_recipe.md names each source.
+    # same group's recipe, as the fallback) unless a comment says otherwise; docs/mage_c_recipe.md names each
+    # source.
     group = parser.add_argument_group("MAGE-C (contrastive pre-training, docs/mage_c_recipe.md)")
     # 0: plain MAGE (the release's pre-training), unchanged. MAGE-C's weight: not retrievable from the paper.
     group.add_argument("--contrastive_weight", type=float, default=0.0,
@@ -188,11 +189,10 @@ def build_train_dataset(args, model):
 
 def build_model(args):
     class_kwargs = {"class_cond": True, "num_classes": args.num_classes} if args.class_cond else {}
-    if args.contrastive_weight > 0:
-        class_kwargs["contrastive_head"] = contrastive_head_dims(args)
     model = models_mage.MODELS[args.model](
         mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, mask_ratio_mu=args.mask_ratio_mu,
-        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **class_kwargs, **tokenizer_kwargs(args))
+        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, contrastive_head=contrastive_head_dims(args),
+        **class_kwargs, **tokenizer_kwargs(args))
     check_input_size(model, args.input_size)
     if args.finetune:
         load_finetune_weights(model, args)
