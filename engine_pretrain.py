@@ -1,14 +1,22 @@
 """One epoch of MAGE pre-training, plus the periodic tensorboard image grid.
 
-Masks are drawn for the whole global batch from a generator seeded by (seed, epoch, step), and each process
-takes the rows of its own samples (DistributedSampler deals samples out round-robin, so process r holds
-global rows r, r + world, ...). A run on N processes with batch b therefore sees exactly the data and masks
-of one process with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
+Masks are drawn for the whole global batch, and each process takes the rows of its own samples
+(DistributedSampler deals samples out round-robin, so process r holds global rows r, r + world, ...). The
+masked positions come from a generator seeded by (seed, epoch, step); the mask ratio is drawn once per group of
+--mask_ratio_group consecutive global rows, from (seed, epoch, step, group), as the reference draws one per GPU
+for its 64 images. A run on N processes with batch b therefore sees exactly the data and masks of one process
+with batch N*b, and a resumed run sees exactly those of an uninterrupted one.
+
+MAGE-C (--contrastive_weight > 0): every sample is two views; each view has its own masks (view 1's are
+plain MAGE's, view 2's positions and ratios come from other seed streams); the loss is the mean of the two
+views' reconstruction losses plus contrastive_weight x InfoNCE over the global batch (util.contrastive).
 """
+import numpy as np
 import torch
 import torchvision
 
 import util.lr_sched as lr_sched
+from util.contrastive import info_nce
 from util.distributed import all_reduce_mean, get_rank, get_world_size, no_sync_if, unwrap
 from util.errors import check_finite
 from util.metrics import MetricLogger, SmoothedValue
@@ -19,6 +27,8 @@ from util.seeding import derive_seed
 PRINT_FREQ = 20
 VIS_STREAM = 2 ** 31  # seeds the grid's masks apart from the training masks
 LABEL_DROP_STREAM = 2 ** 31 + 1  # seeds the label dropout apart from the masks (which stay as without labels)
+MASK_RATIO_STREAM = 2 ** 31 + 2  # seeds the per-group mask ratios apart from the masked positions
+VIEW_MASK_STREAM = 2 ** 31 + 3  # seeds the masks of MAGE-C's second view apart from the first view's
 
 
 def split_batch(batch, device):
@@ -35,13 +45,50 @@ def split_batch(batch, device):
     return None, samples.long(), labels
 
 
-def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step):
-    """This process's rows of the (token_drop_mask, token_all_mask) drawn for the global batch."""
-    world, rank = get_world_size(), get_rank()
+def group_mask_rates(ratio_distribution, global_bsz, group_size, seed, epoch, step, view=0):
+    """(global_bsz,) float64 mask ratios, one per group of `group_size` consecutive global rows (a last partial
+    group draws its own). Group g's ratio depends on (seed, epoch, step, g) only (and MAGE-C's view v > 0): the
+    g-th word of one SeedSequence, turned into a uniform and through the distribution's inverse CDF."""
+    groups = -(-global_bsz // group_size)
+    entropy = [int(seed), int(epoch), int(step), MASK_RATIO_STREAM] + ([int(view)] if view else [])
+    words = np.random.SeedSequence(entropy).generate_state(groups, dtype=np.uint64)
+    uniform = torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)  # [0, 1)
+    return ratio_distribution.quantile(uniform).repeat_interleave(group_size)[:global_bsz]
+
+
+def global_batch_masks(model_without_ddp, local_bsz, device, seed, epoch, step, group_size, rank=None,
+                       world=None, view=0):
+    """Rows rank, rank + world, ... (this process's by default) of the (token_drop_mask, token_all_mask) of
+    the global batch of local_bsz * world rows: positions from (seed, epoch, step), one ratio per group of
+    `group_size` global rows (group_mask_rates). view: MAGE-C's view index; view 0 draws plain MAGE's masks,
+    view v > 0 its own from other seed streams."""
+    world = get_world_size() if world is None else world
+    rank = get_rank() if rank is None else rank
+    global_bsz = local_bsz * world
+    rates = group_mask_rates(model_without_ddp.mask_ratio_generator, global_bsz, group_size, seed, epoch, step,
+                             view)
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, epoch, step))
-    token_drop_mask, token_all_mask = model_without_ddp.sample_masks(local_bsz * world, device, generator)
+    generator.manual_seed(derive_seed(seed, epoch, step, *([VIEW_MASK_STREAM + view] if view else [])))
+    token_drop_mask, token_all_mask = model_without_ddp.sample_masks(global_bsz, device, generator, rates)
     return token_drop_mask[rank::world], token_all_mask[rank::world]
+
+
+def group_loss_weights(token_all_mask, group_size, rank=None, world=None):
+    """(B,) loss weights of the rows rank, rank + world, ... of the global batch (token_all_mask: their masks).
+
+    The reference averages each GPU's masked-token mean loss over GPUs, so each mask-ratio group counts the
+    same whatever its ratio. Row i of group g (|g| rows, k_i masked tokens) gets world / (groups * |g| * k_i):
+    the weighted sums of all processes add up, times world, to the mean over groups of each group's masked-token
+    mean, and DDP's average of the gradients is that loss's gradient for any number of processes."""
+    world = get_world_size() if world is None else world
+    rank = get_rank() if rank is None else rank
+    local_bsz = token_all_mask.shape[0]
+    global_bsz = local_bsz * world
+    groups = -(-global_bsz // group_size)
+    group = torch.arange(rank, global_bsz, world, device=token_all_mask.device) // group_size
+    group_rows = (global_bsz - group * group_size).clamp(max=group_size)
+    masked = token_all_mask[:, 1:].sum(1)
+    return world / (groups * group_rows * masked)
 
 
 def global_label_drop(local_bsz, device, seed, epoch, step, prob):
@@ -62,8 +109,31 @@ def conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, ste
     return labels.long().masked_fill(drop, model_without_ddp.NO_CLASS)
 
 
+def views_first(batch_of_views):
+    """(B, V, ...) samples of V views -> (V*B, ...), view-major (rows [v*B, (v+1)*B) are view v); None stays."""
+    return None if batch_of_views is None else batch_of_views.transpose(0, 1).flatten(0, 1)
+
+
+def mage_c_loss(model, images, tokens, masks, labels, loss_weights, args):
+    """MAGE-C's step loss: both views through one forward of the (DDP) model, then InfoNCE on the head's
+    embeddings. images / tokens: (B, 2, ...); masks: one (drop, all) pair per view; loss_weights: one (B,)
+    per view (group_loss_weights).
+    Returns (total loss, reconstruction loss, contrastive loss, contrastive accuracy, token_all_mask)."""
+    masks = tuple(torch.cat(per_view) for per_view in zip(*masks))
+    labels = None if labels is None else labels.repeat(2)
+    recon_loss, _, token_all_mask, embeddings = model(views_first(images), gt_indices=views_first(tokens),
+                                                      masks=masks, labels=labels, loss_weights=torch.cat(loss_weights),
+                                                      num_views=2)
+    first, second = embeddings.chunk(2)
+    contrastive_loss, accuracy = info_nce(first, second, args.contrastive_temperature)
+    loss = recon_loss + args.contrastive_weight * contrastive_loss
+    return loss, recon_loss, contrastive_loss, accuracy, token_all_mask
+
+
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
     model.train(True)
+    contrastive = getattr(args, "contrastive_weight", 0) > 0
+    num_views = 2 if contrastive else 1
     model_without_ddp = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     metric_logger = MetricLogger(delimiter="  ")
@@ -80,15 +150,26 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         local_bsz = (images if tokens is None else tokens).shape[0]
         labels = conditioning_labels(model_without_ddp, labels, local_bsz, device, epoch, step, args)
         if vis_batch is None and log_writer is not None:
-            vis_batch = (images, tokens, labels)
-        masks = global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step)
+            vis_batch = (images, tokens, labels) if not contrastive else (
+                None if images is None else images[:, 0], None if tokens is None else tokens[:, 0], labels)
+        masks = [global_batch_masks(model_without_ddp, local_bsz, device, args.seed, epoch, step,
+                                    args.mask_ratio_group, view=view) for view in range(num_views)]
+        loss_weights = [group_loss_weights(view_masks[1], args.mask_ratio_group) for view_masks in masks]
         update = (step + 1) % accum_iter == 0
 
         with no_sync_if(model, not update):
             with autocast(device, args.amp):
-                loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks, labels=labels)
+                if contrastive:
+                    loss, *parts, token_all_mask = mage_c_loss(model, images, tokens, masks, labels, loss_weights,
+                                                               args)
+                else:
+                    loss, _, token_all_mask = model(images, gt_indices=tokens, masks=masks[0], labels=labels,
+                                                    loss_weights=loss_weights[0])
             loss_value = all_reduce_mean(loss.item())
             check_finite(loss_value, epoch, step)
+            if contrastive:
+                contrastive_stats = dict(zip(("recon_loss", "contrastive_loss", "contrastive_acc"),
+                                             (all_reduce_mean(part.item()) for part in parts)))
             grad_norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=args.grad_clip, parameters=params,
                                     update_grad=update)
         if update:
@@ -96,6 +177,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
         mask_ratio = token_all_mask[:, 1:].float().mean().item()
         metric_logger.update(loss=loss_value, lr=lr, mask_ratio=mask_ratio)
+        if contrastive:
+            metric_logger.update(**contrastive_stats)
         if grad_norm is not None:
             grad_norm = float(grad_norm)  # identical on every process: gradients are already synchronised
             metric_logger.update(grad_norm=grad_norm)
@@ -105,6 +188,9 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
             log_writer.add_scalar("lr", lr, epoch_1000x)
             log_writer.add_scalar("grad_norm", grad_norm, epoch_1000x)
             log_writer.add_scalar("mask_ratio", mask_ratio, epoch_1000x)
+            if contrastive:
+                for name, value in contrastive_stats.items():
+                    log_writer.add_scalar(f"train_{name}", value, epoch_1000x)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

@@ -5,7 +5,9 @@
 
 Each view is the pre-training augmentation (RandomResizedCrop(scale 0.2-1) + horizontal flip), seeded by
 (seed, view, image index), so the cache does not depend on the number of processes. Shards are uint16.
-With --views flips the views are the whole image (Resize + CenterCrop) and its flips instead (demo.py).
+With --views flips the views are the whole image (Resize + CenterCrop) and its flips instead (demo.py); with
+--views contrastive (alias --aug contrastive) they are SimCLR's views, MAGE-C's augmentation
+(main_pretrain.py --contrastive_aug simclr).
 """
 import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from taming.models.vqgan import build_vqgan, token_grid_size
 from util.cli import add_runtime_args, run_script
-from util.datasets import SeededImageFolder, check_split, pretrain_transform
+from util.datasets import SeededImageFolder, check_split, pretrain_transform, simclr_transform
 from util.distributed import barrier, is_main_process
 from util.errors import UsageError
 from util.output_dir import open_output_dir
@@ -30,7 +32,7 @@ from util.seeding import seed_everything
 from util.token_cache import META_FILE, read_meta, write_meta, write_shard
 
 
-VIEWS = ("random_crops", "flips")
+VIEWS = ("random_crops", "flips", "contrastive")
 FLIPS = ((), (3,), (2,), (2, 3))  # the dims a view flips: none, horizontal, vertical, both
 
 
@@ -40,10 +42,12 @@ def get_args_parser():
     group.add_argument("--data_path", default="./data", help="ImageFolder root with a train/ folder")
     group.add_argument("--output_dir", default="./token_cache", help="cache folder")
     group.add_argument("--num_views", default=10, type=int, help="augmented views stored per image (K)")
-    group.add_argument("--views", default="random_crops", choices=VIEWS,
+    group.add_argument("--views", "--aug", dest="views", default="random_crops", choices=VIEWS,
                        help="random_crops: the pre-training augmentation; flips: the whole image and its "
                             "horizontal, vertical and double flips (K <= 4), for short schedules in which "
-                            "random crops would teach parts of objects more than their shapes")
+                            "random crops would teach parts of objects more than their shapes; contrastive: "
+                            "SimCLR's views (crop 0.08-1, colour jitter, grayscale, blur, flip) for MAGE-C "
+                            "(main_pretrain.py --contrastive_weight, which uses two different views per epoch)")
     group.add_argument("--input_size", default=256, type=int, help="crop size (the tokenizer's resolution)")
     group.add_argument("--batch_size", default=64, type=int, help="images tokenized at once per process")
     group.add_argument("--vqgan_config", default="config/vqgan.yaml")
@@ -67,6 +71,8 @@ def view_transform(args):
     if args.views == "flips":
         return transforms.Compose([transforms.Resize(args.input_size), transforms.CenterCrop(args.input_size),
                                    transforms.ToTensor()])
+    if args.views == "contrastive":
+        return simclr_transform(args.input_size)
     return pretrain_transform(args.input_size)
 
 

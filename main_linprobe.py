@@ -1,27 +1,30 @@
 """Linear probe of MAGE features: frozen backbone, BatchNorm (no affine) + linear head trained with LARS.
 
---cache_features runs the frozen backbone once over each split and trains the head on the stored features
-(one fixed augmented view per training image); without it the backbone runs every epoch on fresh crops.
+Without a cache the backbone runs every epoch on fresh crops (the reference). --cache_views K runs it K times
+over the training set, once per augmented view (view v = the crop the uncached probe draws in epoch v), stores
+the features in OUTPUT_DIR/features (util/feature_cache.py) and trains epoch e on view e mod K; the validation
+features (one centre crop) are then computed once too.
 """
 import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 
 import argparse
+import os
 
 import torch
 from timm.layers import trunc_normal_
 
 import models_vit
 import util.datasets as data
+import util.feature_cache as feature_cache
 from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import expected_checkpoint_size, load_model
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
 from util.contrastive import GlobalBatchNorm1d
-from util.distributed import all_gather_rows, cleanup_distributed, get_world_size, wrap_ddp
+from util.distributed import cleanup_distributed, get_world_size, wrap_ddp
 from util.errors import UsageError
 from util.lars import LARS
 from util.lr_sched import effective_lr
-from util.metrics import MetricLogger
 from util.output_dir import open_output_dir
 from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
 from util.precision import NativeScalerWithGradNormCount, autocast
@@ -61,9 +64,14 @@ def get_args_parser():
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root with train/ and val/")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="log unreadable images and use the next one instead of stopping")
+    group.add_argument("--cache_views", default=0, type=int, metavar="K",
+                       help="run the frozen backbone on K augmented views of every training image (view v: the "
+                            "crop of epoch v) and train epoch e on view e mod K, so crops repeat every K epochs; "
+                            "the features are stored in OUTPUT_DIR/features (float32, K x images x dim; in memory "
+                            "without --output_dir) and reused by a rerun with the same settings. 0 (default): "
+                            "new crops every epoch, as the reference; K = --epochs trains as 0 does")
     group.add_argument("--cache_features", action="store_true",
-                       help="extract the frozen features once (one fixed view per training image) and train "
-                            "the head on them")
+                       help="the same as --cache_views 1 (one crop per training image for all epochs)")
     group.add_argument("--train_aug", action=argparse.BooleanOptionalAction, default=True,
                        help="random crops and flips for training (the reference); --no-train_aug trains on the "
                             "evaluation transform (Resize + CenterCrop)")
@@ -83,6 +91,19 @@ def check_args(args):
         raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.eval and not args.resume:
         raise UsageError("--eval needs weights: pass --resume (a linear-probe checkpoint)")
+    if args.cache_features:
+        if args.cache_views not in (0, 1):
+            raise UsageError(f"--cache_features is --cache_views 1; it cannot go with --cache_views "
+                             f"{args.cache_views}")
+        args.cache_views = 1
+    if args.cache_views < 0:
+        raise UsageError(f"--cache_views must be 0 (no cache) or a number of views; got {args.cache_views}")
+    if args.cache_views > args.epochs and not args.eval:
+        raise UsageError(f"--cache_views {args.cache_views} is more than --epochs {args.epochs}: views after "
+                         f"the {args.epochs}th would never be used")
+    if args.cache_views > 1 and not args.train_aug:
+        raise UsageError(f"--no-train_aug has one view per image (the centre crop); --cache_views "
+                         f"{args.cache_views} would store {args.cache_views} copies of it")
     data.check_split(args.data_path, "val")
     if not args.eval:
         data.check_split(args.data_path, "train")
@@ -115,21 +136,17 @@ def feature_fn(model, args):
     return features
 
 
-@torch.no_grad()
-def extract_features(features, dataset, args):
-    """TensorDataset(features, labels) of a whole split; each process extracts its share, then all gather."""
-    loader = data.build_loader(dataset, args, train=False, distributed=True)
-    feats, labels = [], []
-    for images, targets in MetricLogger().log_every(loader, 20, "Extracting features:"):
-        feats.append(features(images.to(args.device, non_blocking=True)).cpu())
-        labels.append(targets)
-    feats = all_gather_rows(torch.cat(feats), len(dataset))
-    labels = all_gather_rows(torch.cat(labels), len(dataset))
-    return torch.utils.data.TensorDataset(feats, labels)
+def cache_settings(model, dataset, args):
+    """What the cached training features depend on (util.feature_cache's meta.json)."""
+    return {"backbone_sha256": feature_cache.state_fingerprint(model.state_dict(), skip_prefixes=("head.",)),
+            "model": args.model, "global_pool": args.global_pool, "feature_dim": model.head[1].in_features,
+            "input_size": args.input_size, "train_aug": args.train_aug, "seed": args.seed,
+            "num_images": len(dataset), "samples_sha256": feature_cache.samples_fingerprint(dataset),
+            "device": args.device.type, **{flag: getattr(args, flag) for flag in INFERENCE_FLAGS}}
 
 
-def build_data(model, args):
-    """(train loader, val loader, input_fn): loaders of images and a feature extractor, or of cached features."""
+def build_data(args):
+    """(train dataset, val dataset) of images; UsageError for data that does not fit the flags."""
     val_transform = data.eval_transform(args.input_size)
     train_transform = data.linprobe_train_transform(args.input_size) if args.train_aug else val_transform
     dataset_val = data.build_image_folder(args, "val", val_transform)
@@ -137,17 +154,27 @@ def build_data(model, args):
     for dataset in (dataset_val, dataset_train):
         if dataset is not None:
             data.check_num_classes(dataset, args.nb_classes)
+    if dataset_train is not None and len(data.build_loader(dataset_train, args, train=True)) == 0:
+        raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
+                         f"processes) is smaller than one batch of --batch_size {args.batch_size}")
+    return dataset_train, dataset_val
+
+
+def build_loaders(model, args, dataset_train, dataset_val):
+    """(train loader, val loader, input_fn): loaders of images and the feature extractor, or, with --cache_views,
+    of cached features (computed here, or read back from OUTPUT_DIR/features) and None."""
     features = feature_fn(model, args)
     input_fn = features
-    if args.cache_features:
-        dataset_val = extract_features(features, dataset_val, args)
-        dataset_train = None if args.eval else extract_features(features, dataset_train, args)
+    if args.cache_views:
+        dataset_val = feature_cache.extract_features(features, dataset_val, args)
+        if dataset_train is not None:
+            folder = os.path.join(args.output_dir, feature_cache.FOLDER) if args.output_dir else ""
+            settings = cache_settings(model, dataset_train, args) if folder else None
+            dataset_train = feature_cache.cache_train_views(features, dataset_train, args, args.cache_views,
+                                                            folder, settings)
         input_fn = None
     loader_val = data.build_loader(dataset_val, args, train=False, distributed=args.dist_eval)
     loader_train = None if args.eval else data.build_loader(dataset_train, args, train=True)
-    if loader_train is not None and len(loader_train) == 0:
-        raise UsageError(f"the training set ({len(dataset_train)} images over {get_world_size()} "
-                         f"processes) is smaller than one batch of --batch_size {args.batch_size}")
     return loader_train, loader_val, input_fn
 
 
@@ -166,8 +193,10 @@ def main(args):
     loss_scaler = NativeScalerWithGradNormCount(args.amp, device)
     progress = {"max_accuracy": 0.0}  # the best top-1 so far: saved in every checkpoint, restored on a resume
     load_model(args, model, optimizer, loss_scaler, progress=progress)
-    loader_train, loader_val, input_fn = build_data(model, args)
-    open_output_dir(args, expected_bytes=expected_checkpoint_size(model, optimizer_moments=1))  # usage checks done
+    dataset_train, dataset_val = build_data(args)
+    open_output_dir(args, subfolders=(feature_cache.FOLDER,),  # usage checks done
+                    expected_bytes=expected_checkpoint_size(model, optimizer_moments=1))
+    loader_train, loader_val, input_fn = build_loaders(model, args, dataset_train, dataset_val)
 
     if args.eval:
         test_stats = evaluate(loader_val, model.head, device, args, input_fn)

@@ -14,6 +14,7 @@ from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import (checkpoint_path, expected_checkpoint_size, extract_model_state, load_checkpoint,
                              load_mage_weights, load_model, resolve_resume_path)
 from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.contrastive import DEFAULT_HIDDEN_DIM, DEFAULT_NUM_LAYERS, DEFAULT_OUT_DIM, DEFAULT_TEMPERATURE
 from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
@@ -24,6 +25,9 @@ from util.run import releases_output_dir, setup_run
 from util.token_cache import CachedTokenDataset, read_meta
 from util.token_cache import num_classes as token_cache_num_classes
 from util.train_loop import fit
+
+
+CONTRASTIVE_AUGS = {"simclr": data.simclr_transform, "mage": data.pretrain_transform}
 
 
 def get_args_parser():
@@ -43,6 +47,10 @@ def get_args_parser():
     group.add_argument("--mask_ratio_max", type=float, default=1.0)
     group.add_argument("--mask_ratio_mu", type=float, default=0.55)
     group.add_argument("--mask_ratio_std", type=float, default=0.25)
+    group.add_argument("--mask_ratio_group", type=int, default=64,
+                       help="one mask ratio per group of this many consecutive samples of the global batch (per "
+                            "micro-batch), as the reference draws one per GPU for its 64 images; the same groups "
+                            "for any number of processes")
     group.add_argument("--dropout", type=float, default=0.1, help="dropout in embeddings, attention and MLPs")
     group.add_argument("--finetune", default="",
                        help="start from this MAGE checkpoint (released or ours); a class embedding it lacks starts "
@@ -57,6 +65,27 @@ def get_args_parser():
     group.add_argument("--label_drop_prob", type=float, default=0.1,
                        help="probability that a sample's class is replaced by the 'no class' token, so one model "
                             "also samples unconditionally and supports classifier-free guidance")
+
+    # MAGE-C. The MAGE paper adds "a contrastive loss to the encoder output"; the head, temperature, weight and
+    # views are not in the paper text that could be read, so the defaults are CAN's (arXiv 2210.16870, the
+    # same group's recipe, as the fallback) unless a comment says otherwise; docs/mage_c_recipe.md names each
+    # source.
+    group = parser.add_argument_group("MAGE-C (contrastive pre-training, docs/mage_c_recipe.md)")
+    # 0: plain MAGE (the release's pre-training), unchanged. MAGE-C's weight: not retrievable from the paper.
+    group.add_argument("--contrastive_weight", type=float, default=0.0,
+                       help="lambda of MAGE-C: loss = reconstruction (mean of two views) + lambda * InfoNCE over "
+                            "the global batch; 0 is plain MAGE")
+    group.add_argument("--contrastive_temperature", type=float, default=DEFAULT_TEMPERATURE,  # CAN: 0.1
+                       help="InfoNCE temperature (cosine similarity / temperature)")
+    group.add_argument("--projector_dim", type=int, default=DEFAULT_OUT_DIM,  # CAN: 128
+                       help="output width of the projection head")
+    group.add_argument("--projector_hidden_dim", type=int, default=DEFAULT_HIDDEN_DIM,  # CAN: 4096
+                       help="hidden width of the projection head")
+    group.add_argument("--projector_layers", type=int, default=DEFAULT_NUM_LAYERS,  # CAN: 3
+                       help="Linear layers of the projection head (BatchNorm + ReLU between them)")
+    group.add_argument("--contrastive_aug", default="simclr", choices=CONTRASTIVE_AUGS,  # CAN: SimCLR's views
+                       help="augmentation of the two views: simclr (crop 0.08-1, colour jitter, grayscale, blur, "
+                            "flip) or mage (MAGE's crop 0.2-1 + flip); with --cached_tokens the cache's views")
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--weight_decay", type=float, default=0.05)
@@ -91,18 +120,41 @@ def check_args(args):
                          f"{args.mask_ratio_min} and {args.mask_ratio_max}")
     if args.mask_ratio_std <= 0:
         raise UsageError(f"--mask_ratio_std must be positive, got {args.mask_ratio_std}")
+    if args.mask_ratio_group < 1:
+        raise UsageError(f"--mask_ratio_group must be at least 1, got {args.mask_ratio_group}")
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.warmup_epochs < 0:
         raise UsageError("--warmup_epochs must not be negative")
     if not 0.0 <= args.label_drop_prob <= 1.0:
         raise UsageError(f"--label_drop_prob must be in [0, 1], got {args.label_drop_prob}")
+    check_contrastive_args(args)
     if args.cached_tokens:
-        read_meta(args.cached_tokens)
+        meta = read_meta(args.cached_tokens)
+        if args.contrastive_weight > 0 and meta["num_views"] < 2:
+            raise UsageError(f"--contrastive_weight needs two different views per image, but --cached_tokens "
+                             f"'{args.cached_tokens}' holds {meta['num_views']}; write it with --num_views 2 or more")
     else:
         data.check_split(args.data_path, "train")
     if args.class_cond:
         resolve_num_classes(args)
+
+
+def check_contrastive_args(args):
+    if args.contrastive_weight < 0:
+        raise UsageError(f"--contrastive_weight must not be negative, got {args.contrastive_weight}")
+    if args.contrastive_weight > 0:
+        if not args.contrastive_temperature > 0:
+            raise UsageError(f"--contrastive_temperature must be positive, got {args.contrastive_temperature}")
+        if min(args.projector_dim, args.projector_hidden_dim, args.projector_layers) < 1:
+            raise UsageError("--projector_dim, --projector_hidden_dim and --projector_layers must be at least 1")
+
+
+def contrastive_head_dims(args):
+    """The model's contrastive_head argument: None for plain MAGE, else (hidden, out, layers)."""
+    if args.contrastive_weight <= 0:
+        return None
+    return args.projector_hidden_dim, args.projector_dim, args.projector_layers
 
 
 def resolve_num_classes(args):
@@ -120,10 +172,18 @@ def resolve_num_classes(args):
 
 
 def build_train_dataset(args, model):
+    """Plain MAGE: one view per sample; MAGE-C: two (samples (2, ...), each view seeded on its own)."""
+    if args.contrastive_weight <= 0:
+        transform, views = data.pretrain_transform(args.input_size), 1
+    else:
+        transform, views = CONTRASTIVE_AUGS[args.contrastive_aug](args.input_size), 2
     if not args.cached_tokens:
-        return data.build_image_folder(args, "train", data.pretrain_transform(args.input_size))
-    dataset = CachedTokenDataset(args.cached_tokens, seed=args.seed)
+        return data.build_image_folder(args, "train", transform, views_per_sample=views)
+    dataset = CachedTokenDataset(args.cached_tokens, seed=args.seed, views_per_sample=views)
     meta = dataset.meta
+    if views > 1:
+        print(f"MAGE-C views: two different cached views of each image per epoch, augmentation "
+              f"'{meta.get('views', 'random_crops')}' of the cache (--contrastive_aug applies to images only)")
     if (meta["grid_size"], meta["codebook_size"]) != (model.grid_size, model.codebook_size):
         raise UsageError(
             f"--cached_tokens '{args.cached_tokens}' holds {meta['grid_size']}x{meta['grid_size']} tokens from a "
@@ -137,7 +197,8 @@ def build_model(args):
     class_kwargs = {"class_cond": True, "num_classes": args.num_classes} if args.class_cond else {}
     model = models_mage.MODELS[args.model](
         mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, mask_ratio_mu=args.mask_ratio_mu,
-        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, **class_kwargs, **tokenizer_kwargs(args))
+        mask_ratio_std=args.mask_ratio_std, dropout=args.dropout, contrastive_head=contrastive_head_dims(args),
+        **class_kwargs, **tokenizer_kwargs(args))
     check_input_size(model, args.input_size)
     if args.finetune:
         load_finetune_weights(model, args)
@@ -149,23 +210,34 @@ def build_model(args):
 
 def load_finetune_weights(model, args):
     """--finetune: a MAGE checkpoint's weights (an unconditional one leaves only the class embedding as it was
-    initialised); the optimizer and schedule start afresh."""
+    initialised, a MAGE one in MAGE-C only the contrastive head; a MAGE-C one in MAGE has its head ignored); the
+    optimizer and schedule start afresh."""
     state_dict = extract_model_state(load_checkpoint(args.finetune), source=args.finetune)
-    allowed_missing = ("class_emb.",) if args.class_cond and "class_emb.weight" not in state_dict else ()
+    fresh = {}
+    if args.class_cond and "class_emb.weight" not in state_dict:
+        fresh["class_emb."] = "class embedding"
+    if model.contrastive_head is not None and not any(k.startswith("contrastive_head.") for k in state_dict):
+        fresh["contrastive_head."] = "contrastive head"
     load_mage_weights(model, state_dict, source=args.finetune, tokenizer_given=bool(args.vqgan_ckpt),
-                      allowed_missing=allowed_missing)
-    print(f"weights from {args.finetune}" + (" (class embedding initialised)" if allowed_missing else ""))
+                      allowed_missing=tuple(fresh))
+    print(f"weights from {args.finetune}" + (f" ({' and '.join(fresh.values())} initialised)" if fresh else ""))
 
 
 @releases_output_dir
 def main(args):
     """Pre-train; returns the run's result (rank 0; other ranks: the same keys, `history` holding only the
     epochs they ran):
-        final_loss       train loss of the last epoch (None when a resumed run finds no epoch in its log)
+        final_loss       train loss of the last epoch (None when a resumed run finds no epoch in its log); MAGE-C:
+                         the total, reconstruction + contrastive_weight * contrastive
+        final_recon_loss           the reconstruction part of final_loss (MAGE: final_loss)
+        final_contrastive_loss     MAGE-C's InfoNCE of the last epoch (None for MAGE)
+        final_contrastive_acc      fraction of anchors whose positive ranks first among the 2N - 1 others
+                                   (None for MAGE)
         epochs           the --epochs the run trained to
         steps_per_epoch  batches per epoch and process (optimizer steps: this / --accum_iter)
         history          per-epoch stats (log.txt's lines: train_loss, train_lr, train_mask_ratio,
-                         train_grad_norm, epoch), including the epochs of an earlier process of a resumed run
+                         train_grad_norm, epoch; MAGE-C adds train_recon_loss, train_contrastive_loss,
+                         train_contrastive_acc), including the epochs of an earlier process of a resumed run
         checkpoint       output_dir/checkpoint-last.pth ('' without --output_dir)
         output_dir       --output_dir
     """
@@ -198,7 +270,11 @@ def main(args):
                                args=args)
 
     history, _ = fit(args, train_epoch, data_loader_train, model_without_ddp, optimizer, loss_scaler)
-    return {"final_loss": history[-1]["train_loss"] if history else None, "epochs": args.epochs,
+    last = history[-1] if history else {}
+    return {"final_loss": last.get("train_loss"),
+            "final_recon_loss": last.get("train_recon_loss", last.get("train_loss")),
+            "final_contrastive_loss": last.get("train_contrastive_loss"),
+            "final_contrastive_acc": last.get("train_contrastive_acc"), "epochs": args.epochs,
             "steps_per_epoch": len(data_loader_train), "history": history,
             "checkpoint": checkpoint_path(args), "output_dir": args.output_dir}
 

@@ -15,6 +15,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from taming.models.vqgan import build_vqgan, token_grid_size
+from util.contrastive import ProjectionHead, pooled_features
 from util.errors import UsageError
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -190,6 +191,10 @@ class TruncatedNormal:
     def sample(self, n=1, generator=None):
         u = torch.rand(n, dtype=torch.float64, generator=generator,
                        device="cpu" if generator is None else generator.device).cpu()
+        return self.quantile(u)
+
+    def quantile(self, u):
+        """float64 uniforms in [0, 1) -> samples (the inverse CDF)."""
         u = self.cdf_low + u * (self.cdf_high - self.cdf_low)
         return (self.mu + self.std * torch.special.ndtri(u)).clamp(self.low, self.high)
 
@@ -210,6 +215,10 @@ class MaskedGenerativeEncoderViT(nn.Module):
     keys are untouched: an unconditional checkpoint loads with only class_emb.weight missing, and without
     labels (or with NO_CLASS) the model computes exactly what the unconditional model computes. The logits
     still span the whole vocabulary (the decoder projects onto word_embeddings), as in the release.
+
+    MAGE-C: contrastive_head=(hidden_dim, out_dim, num_layers) adds `contrastive_head`, a
+    util.contrastive.ProjectionHead on the pooled encoder output, used by forward(..., num_views=2). Like
+    class_emb it is created last and only when asked for, so the other weights and keys stay MAGE's.
     """
     NO_CLASS = NO_CLASS
 
@@ -218,7 +227,7 @@ class MaskedGenerativeEncoderViT(nn.Module):
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False,
                  mask_ratio_min=0.5, mask_ratio_max=1.0, mask_ratio_mu=0.55, mask_ratio_std=0.25,
                  vqgan_config="config/vqgan.yaml", vqgan_ckpt_path=None, dropout=0.1, drop_path=0.0,
-                 class_cond=False, num_classes=1000):
+                 class_cond=False, num_classes=1000, contrastive_head=None):
         super().__init__()
         if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
             raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
@@ -271,6 +280,8 @@ class MaskedGenerativeEncoderViT(nn.Module):
                 raise ValueError(f"a class-conditional MAGE needs num_classes >= 1, got {num_classes}")
             self.class_emb = nn.Embedding(num_classes, embed_dim)
             nn.init.normal_(self.class_emb.weight, std=0.02)
+        # MAGE-C's projection head keeps torch's default Linear initialisation, as CAN's projector does.
+        self.contrastive_head = None if contrastive_head is None else ProjectionHead(embed_dim, *contrastive_head)
 
     def initialize_weights(self):
         self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, True)[None])
@@ -317,15 +328,17 @@ class MaskedGenerativeEncoderViT(nn.Module):
         _, _, (_, _, indices) = self.vqgan.encode(imgs)
         return indices.reshape(imgs.shape[0], -1).long()
 
-    def sample_masks(self, bsz, device, generator=None):
-        """One mask ratio per call, random positions per sample.
+    def sample_masks(self, bsz, device, generator=None, mask_rates=None):
+        """Random positions per sample; one mask ratio per call drawn from `generator`, or the given
+        mask_rates (B,) float64, one per row (pre-training draws one per group of rows, engine_pretrain).
 
         Returns float (token_drop_mask, token_all_mask), each (B, seq_len + 1) with the class column 0:
         the ceil(L * mask_ratio_min) lowest-noise positions are dropped, the ceil(L * r) lowest are masked.
         """
-        mask_rate = float(self.mask_ratio_generator.sample(1, generator=generator)[0])
+        if mask_rates is None:
+            mask_rates = self.mask_ratio_generator.sample(1, generator=generator).expand(bsz)
         num_dropped = math.ceil(self.seq_len * self.mask_ratio_min)
-        num_masked = math.ceil(self.seq_len * mask_rate)
+        num_masked = (self.seq_len * mask_rates.double()).ceil().long().to(device).unsqueeze(1)  # (B, 1)
         noise_device = device if generator is None else generator.device
         noise = torch.rand(bsz, self.seq_len, generator=generator, device=noise_device).to(device)
         rank = noise.argsort(dim=1).argsort(dim=1)  # rank 0 = smallest noise; exact counts even with ties
@@ -386,20 +399,43 @@ class MaskedGenerativeEncoderViT(nn.Module):
         x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x_full + self.decoder_pos_embed_learned))
         return self.mlm_layer(x, self.token_emb.word_embeddings.weight.detach())
 
-    def forward_loss(self, gt_indices, logits, mask):
-        """Label-smoothed cross-entropy over the codebook, averaged over masked positions."""
+    def forward_loss(self, gt_indices, logits, mask, row_weights=None):
+        """Label-smoothed cross-entropy over the codebook at the masked positions: their mean, or with
+        row_weights (B,) the weighted sum of each row's summed loss (pre-training weighs its mask-ratio groups
+        equally, engine_pretrain.group_loss_weights)."""
         bsz, seq_len = gt_indices.shape
         logits = logits[:, 1:, :self.codebook_size].reshape(bsz * seq_len, -1).float()
         loss = self.criterion(logits, gt_indices.reshape(-1)).reshape(bsz, seq_len)
         mask = mask[:, 1:]
-        return (loss * mask).sum() / mask.sum()
+        if row_weights is None:
+            return (loss * mask).sum() / mask.sum()
+        return ((loss * mask).sum(1) * row_weights).sum()
 
-    def forward(self, imgs, gt_indices=None, masks=None, generator=None, labels=None):
+    def forward(self, imgs, gt_indices=None, masks=None, generator=None, labels=None, loss_weights=None,
+                num_views=1):
+        """-> (reconstruction loss, imgs, token_all_mask).
+
+        loss_weights (B,): forward_loss's row weights (pre-training's mask-ratio groups); None: the masked mean.
+        num_views=2 (MAGE-C, needs contrastive_head): the batch holds two views of the same B images, view-major
+        (rows [0, B) view 1, [B, 2B) view 2, each with its own masks and loss weights). The loss is the mean of
+        the two views' reconstruction losses, and a fourth entry is added: the head's embeddings (2B, out_dim) of
+        the pooled encoder outputs (util.contrastive.pooled_features: the encoder's output on the masked input,
+        class position excluded), for util.contrastive.info_nce. Both views go through one encoder/decoder pass
+        and one head call, so the head's BatchNorm normalises over all 2B rows.
+        """
         latent, gt_indices, token_drop_mask, token_all_mask = self.forward_encoder(
             imgs, gt_indices=gt_indices, masks=masks, generator=generator, labels=labels)
         logits = self.forward_decoder(latent, token_drop_mask, token_all_mask)
-        loss = self.forward_loss(gt_indices, logits, token_all_mask)
-        return loss, imgs, token_all_mask
+        if num_views == 1:
+            loss = self.forward_loss(gt_indices, logits, token_all_mask, loss_weights)
+            return loss, imgs, token_all_mask
+        if num_views != 2 or self.contrastive_head is None:
+            raise ValueError(f"num_views={num_views}: only 2 views, with a contrastive head, are supported")
+        weights = (None, None) if loss_weights is None else loss_weights.chunk(2)
+        views = zip(gt_indices.chunk(2), logits.chunk(2), token_all_mask.chunk(2), weights)
+        loss = torch.stack([self.forward_loss(*view) for view in views]).mean()
+        embeddings = self.contrastive_head(pooled_features(latent))
+        return loss, imgs, token_all_mask, embeddings
 
     def predict_logits(self, token_ids, labels=None):
         """Generation step: token_ids (B, L) with mask ids at unknown positions, optional labels (B,) (class or

@@ -1,15 +1,18 @@
-"""Linear probe: frozen backbone, BatchNorm + linear head with LARS, cached features == uncached."""
+"""Linear probe: frozen backbone, BatchNorm + linear head with LARS, K cached views == K uncached epochs."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import main_linprobe
+import util.feature_cache as feature_cache
 from train_support import (data_fitted_tokenizer_checkpoint, parse, run_torchrun, write_texture_folder,
                            write_tokenizer_config)
 from util.checkpoint import CheckpointError, load_checkpoint
 from util.datasets import SeededImageFolder, eval_transform
+from util.errors import UsageError
 from util.lars import LARS
 
 
@@ -38,18 +41,61 @@ def probe_args(setup, output_dir, *extra):
 
 
 @pytest.mark.slow
-def test_cached_features_give_the_same_probe_and_beat_chance(tmp_path, setup):
-    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain", "--no-train_aug")))
-    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--no-train_aug",
-                                                                "--cache_features")))
+def test_a_cache_of_one_view_per_epoch_trains_as_the_uncached_probe(tmp_path, setup):
+    """View v is the crop that the uncached probe draws in epoch v, so K = --epochs views give its head."""
+    uncached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "plain")))
+    cached = main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "cached", "--cache_views", 15)))
     # the training features come from other batches (shuffled vs in order), so their low bits may differ:
     # at most one of the 64 validation images may change its prediction
     assert abs(uncached["acc1"] - cached["acc1"]) <= 100 / 64 + 1e-6
-    assert cached["acc1"] >= 45.0  # 4 classes: chance is 25 % (this random backbone reaches ~58 %)
+    assert cached["acc1"] >= 45.0  # 4 classes: chance is 25 %
     head_plain = load_checkpoint(tmp_path / "plain" / "checkpoint-last.pth")["model"]
     head_cached = load_checkpoint(tmp_path / "cached" / "checkpoint-last.pth")["model"]
     for key in HEAD_KEYS:
         torch.testing.assert_close(head_plain[key], head_cached[key], rtol=1e-4, atol=1e-5)
+    # one view only (the old --cache_features) trains every epoch on the epoch-0 crops: another head
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "one", "--cache_views", 1)))
+    head_one = load_checkpoint(tmp_path / "one" / "checkpoint-last.pth")["model"]
+    assert (head_one["head.1.weight"] - head_plain["head.1.weight"]).abs().max() > 1e-3
+
+
+def test_cached_views_are_new_crops_taken_in_turn_and_reused_by_a_rerun(tmp_path, setup, capsys):
+    out = tmp_path / "out"
+    argv = probe_args(setup, out, "--cache_views", 2, "--epochs", 3)
+    main_linprobe.main(parse(main_linprobe, argv))
+    folder = out / feature_cache.FOLDER
+    views = [np.load(feature_cache.view_path(folder, v)) for v in range(2)]
+    assert views[0].shape == (96, feature_cache.read_meta(folder)["feature_dim"]) and views[0].dtype == np.float32
+    labels = np.load(folder / feature_cache.LABELS_FILE)
+    assert labels.tolist() == [k // 24 for k in range(96)]
+    differs = np.abs(views[0] - views[1]).max(axis=1) > 1e-3
+    assert differs[labels != 3].all()  # two crops of a textured image give two feature vectors (class 3 is flat)
+    dataset = feature_cache.FeatureViews([feature_cache.view_path(folder, v) for v in range(2)], labels)
+    for epoch, view in ((0, 0), (1, 1), (2, 0), (3, 1)):  # epoch e: view e mod K
+        dataset.set_epoch(epoch)
+        assert np.array_equal(dataset[5][0].numpy(), views[view][5])
+
+    mtimes = [os.stat(feature_cache.view_path(folder, v)).st_mtime_ns for v in range(2)]
+    capsys.readouterr()
+    main_linprobe.main(parse(main_linprobe, argv + ["--overwrite"]))  # same settings: read back, not computed
+    assert "2 stored, 0 to compute" in capsys.readouterr().out
+    assert [os.stat(feature_cache.view_path(folder, v)).st_mtime_ns for v in range(2)] == mtimes
+
+    main_linprobe.main(parse(main_linprobe, argv + ["--overwrite", "--seed", "1"]))  # other crops: recomputed
+    assert "written with other settings (seed)" in capsys.readouterr().out
+    assert not np.array_equal(np.load(feature_cache.view_path(folder, 0)), views[0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--cache_views", -1), "--cache_views must be 0"),
+    (("--cache_views", 16), "more than --epochs 15"),
+    (("--cache_views", 2, "--no-train_aug"), "one view per image"),
+    (("--cache_features", "--cache_views", 3), "--cache_features is --cache_views 1"),
+])
+def test_impossible_cache_views_stop_before_anything_is_written(tmp_path, setup, flags, message):
+    with pytest.raises(UsageError, match=message):
+        main_linprobe.main(parse(main_linprobe, probe_args(setup, tmp_path / "out", *flags)))
+    assert not (tmp_path / "out").exists()
 
 
 def test_only_the_head_trains_and_eval_reproduces_accuracy(tmp_path, setup):
@@ -80,10 +126,17 @@ def test_rerun_of_a_finished_probe_reports_the_whole_run(tmp_path, setup):
 @pytest.mark.slow
 def test_torchrun_cached_probe_gathers_features_from_both_processes(tmp_path, setup):
     out = tmp_path / "out"
-    result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_features", "--dist_eval",
+    result = run_torchrun("main_linprobe.py", probe_args(setup, out, "--cache_views", 2, "--dist_eval",
                                                          "--batch_size", 8, "--epochs", 2))
     assert "Accuracy on the 64 test images" in result.stdout
     assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+    # each view holds every image once, whichever process computed it: the single-process cache
+    single = tmp_path / "single"
+    main_linprobe.main(parse(main_linprobe, probe_args(setup, single, "--cache_views", 2, "--epochs", 2)))
+    for view in range(2):
+        torch.testing.assert_close(np.load(feature_cache.view_path(out / feature_cache.FOLDER, view)),
+                                   np.load(feature_cache.view_path(single / feature_cache.FOLDER, view)),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

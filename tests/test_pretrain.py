@@ -60,9 +60,10 @@ def test_torchrun_two_processes_trains_and_writes_checkpoints_and_events(tmp_pat
 
 @pytest.mark.slow
 def test_ddp_step_equals_single_process_with_double_batch(tmp_path, tokenizer_config):
-    """One step on 2 processes x 4 images == one step on 1 process x 8 images (same data, crops and masks)."""
+    """One step on 2 processes x 4 images == one step on 1 process x 8 images (same data, crops and masks; mask
+    ratio groups of 3 global rows, so each process's rows span three groups, the last partial)."""
     data = write_image_folder(tmp_path / "data", splits=(("train", 2),))
-    common = ("--epochs", 1, "--warmup_epochs", 0, "--lr", 1e-4, "--dropout", 0.0)
+    common = ("--epochs", 1, "--warmup_epochs", 0, "--lr", 1e-4, "--dropout", 0.0, "--mask_ratio_group", 3)
     run_torchrun("main_pretrain.py", pretrain_args(data, tmp_path / "ddp", tokenizer_config,
                                                    "--batch_size", 4, *common))
     main_pretrain.main(parse(main_pretrain, pretrain_args(data, tmp_path / "single", tokenizer_config,
@@ -192,6 +193,7 @@ def test_impossible_flags_fail_before_any_work(tmp_path, shapes, tokenizer_confi
     os.makedirs(with_empty_class / "train" / "class_9_empty")
     (tmp_path / "a_file").write_text("x")
     cases = [(("--mask_ratio_min", 0.9, "--mask_ratio_max", 0.6), "need 0 < --mask_ratio_min"),
+             (("--mask_ratio_group", 0), "--mask_ratio_group must be at least 1, got 0"),
              (("--data_path", tmp_path / "nowhere"), "has no 'train' folder"),
              (("--input_size", 64), "--input_size 64 does not fit the tokenizer"),
              (("--batch_size", 1000), "smaller than one batch"),

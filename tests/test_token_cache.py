@@ -9,7 +9,7 @@ import main_cache_tokens
 from conftest import write_image_folder
 from taming.models.vqgan import build_vqgan
 from train_support import parse, run_torchrun
-from util.datasets import SeededImageFolder, pretrain_transform
+from util.datasets import SeededImageFolder, pretrain_transform, simclr_transform
 from util.errors import UsageError
 from util.token_cache import CachedTokenDataset
 
@@ -107,6 +107,24 @@ def test_views_are_drawn_per_epoch(single_process_cache):
     assert seen == {0, 1}
 
 
+def test_two_views_per_sample_are_two_different_cached_views(single_process_cache):
+    """MAGE-C's samples: the view a one-view dataset gives, and another one of the K views."""
+    one = CachedTokenDataset(single_process_cache, seed=0)
+    two = CachedTokenDataset(single_process_cache, seed=0, views_per_sample=2)
+    tokens = np.load(os.path.join(single_process_cache, "tokens-rank00000.npy")).astype(np.int64)
+    for epoch in range(4):
+        one.set_epoch(epoch)
+        two.set_epoch(epoch)
+        for index in range(len(two)):
+            item, label = two[index]
+            first, second = two.views(index)
+            assert first != second and item.shape == (2, 256) and label == one[index][1]
+            assert np.array_equal(item[0].numpy(), one[index][0].numpy())
+            assert np.array_equal(item.numpy(), tokens[index, [first, second]])  # rows of the cache in index order
+    with pytest.raises(UsageError, match="2 view"):
+        CachedTokenDataset(single_process_cache, views_per_sample=3)
+
+
 
 def flip_cache_args(data, ckpt, cache, num_views=4):
     return main_cache_tokens.get_args_parser().parse_args([
@@ -141,3 +159,21 @@ def test_flip_views_hold_the_whole_image_and_its_flips(data, tokenizer, tmp_path
     assert not main_cache_tokens.main(flip_cache_args(data, ckpt, cache))["written"]  # complete: reused
     with pytest.raises(UsageError, match="--views flips"):
         main_cache_tokens.main(flip_cache_args(data, ckpt, str(tmp_path / "five"), num_views=5))
+
+
+@pytest.mark.slow
+def test_contrastive_views_are_the_simclr_augmentation_tokenized(data, tokenizer, tmp_path):
+    """--aug contrastive (MAGE-C's cache): view v is SimCLR's augmentation seeded as epoch v, tokenized."""
+    _, ckpt = tokenizer
+    cache = str(tmp_path / "contrastive")
+    argv = cache_args(data, cache, ckpt, "--aug", "contrastive", "--batch_size", "6")
+    assert main_cache_tokens.main(parse(main_cache_tokens, argv))["views"] == "contrastive"
+    tokens = torch.from_numpy(np.load(os.path.join(cache, "tokens-rank00000.npy")).astype(np.int64))
+    vqgan, _ = build_vqgan("config/vqgan_tiny.yaml", ckpt)
+    vqgan.set_inference_mode(torch.float32, channels_last=True)  # the script's settings for --amp none
+    dataset = SeededImageFolder(os.path.join(data, "train"), simclr_transform(256))
+    for view in range(2):
+        dataset.set_epoch(view)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        with torch.no_grad():
+            assert torch.equal(tokens[:, view], vqgan.encode(images)[2][2].view(len(images), -1)), view

@@ -2,7 +2,8 @@
 
 Augmentation randomness is seeded per (seed, epoch, sample index), so a sample gets the same crop whatever
 the number of processes, data workers or restarts. Together with DistributedSampler's (seed, epoch) order
-this makes data exactly reproducible across resumes and world sizes.
+this makes data exactly reproducible across resumes and world sizes. Datasets that yield several views of an
+image (MAGE-C) seed view v by (seed, epoch, sample index, v), view 0 as a single-view dataset does.
 """
 import contextlib
 import logging
@@ -69,7 +70,7 @@ class SeededImageFolder(datasets.ImageFolder):
     next readable image is used instead (batch shapes stay the same).
     """
 
-    def __init__(self, root, transform, seed=0, skip_bad_images=False):
+    def __init__(self, root, transform, seed=0, skip_bad_images=False, views_per_sample=1):
         try:
             super().__init__(root, transform=transform)
         except FileNotFoundError as err:  # torchvision's error for a class folder without images
@@ -77,6 +78,7 @@ class SeededImageFolder(datasets.ImageFolder):
         self.seed = seed
         self.epoch = 0
         self.skip_bad_images = skip_bad_images
+        self.views_per_sample = views_per_sample
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -100,11 +102,25 @@ class SeededImageFolder(datasets.ImageFolder):
         raise BadImageError(f"no readable image in '{self.root}'")
 
     def __getitem__(self, index):
+        """(transformed image, target); with views_per_sample V > 1, (V, ...) stacked views, view v seeded by
+        view_seed(seed, epoch, index, v)."""
         image, target = self.load_image(index)
-        if self.transform is not None:
+        if self.transform is None:
+            return image, target
+        if self.views_per_sample == 1:
             with seeded_rng(derive_seed(self.seed, self.epoch, index)):
-                image = self.transform(image)
-        return image, target
+                return self.transform(image), target
+        views = []
+        for view in range(self.views_per_sample):
+            with seeded_rng(view_seed(self.seed, self.epoch, index, view)):
+                views.append(self.transform(image))
+        return torch.stack(views), target
+
+
+def view_seed(seed, epoch, index, view):
+    """Seed of view `view` of sample `index`: view 0 is the single-view seed (seed, epoch, index), so the first
+    view of a two-view dataset is the sample a one-view dataset gives."""
+    return derive_seed(seed, epoch, index, *([view] if view else []))
 
 
 def interpolation_mode(name):
@@ -115,6 +131,24 @@ def pretrain_transform(input_size):
     """RandomResizedCrop(scale 0.2-1) + flip, pixels in [0, 1] (the tokenizer's input range)."""
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor()])
+
+
+def blur_kernel_size(input_size):
+    """SimCLR's Gaussian blur kernel: about 10 % of the image side, odd (23 at 224 pixels, CAN's value)."""
+    return max(3, int(0.1 * input_size) // 2 * 2 + 1)
+
+
+def simclr_transform(input_size):
+    """SimCLR's views, as CAN uses them (the MAGE-C fallback recipe, docs/mage_c_recipe.md): RandomResizedCrop
+    (scale 0.08-1), colour jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2)
+    p 0.5, horizontal flip; pixels in [0, 1] without normalisation (the tokenizer's input range)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.08, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(blur_kernel_size(input_size), sigma=(0.1, 2.0))], p=0.5),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor()])
 
@@ -206,9 +240,10 @@ def check_split(data_path, split):
     return folder
 
 
-def build_image_folder(args, split, transform):
+def build_image_folder(args, split, transform, views_per_sample=1):
     folder = check_split(args.data_path, split)
-    dataset = SeededImageFolder(folder, transform, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    dataset = SeededImageFolder(folder, transform, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                views_per_sample=views_per_sample)
     print(f"{split}: {len(dataset)} images in {len(dataset.classes)} classes from {folder}")
     return dataset
 

@@ -7,7 +7,7 @@ Layout of a cache folder (written by main_cache_tokens.py, one shard per rank):
     labels-rank00000.npy       int64 (N_r,) class of each row
 
 This departs from the recipe's unlimited augmentation: each epoch draws one of the K fixed views of an
-image instead of a fresh random crop.
+image instead of a fresh random crop. MAGE-C draws two different views of each image per epoch.
 """
 import json
 import os
@@ -58,9 +58,13 @@ def num_classes(cache_dir):
 
 
 class CachedTokenDataset(torch.utils.data.Dataset):
-    """Token ids of one view per image and epoch: item i of epoch e is view hash(seed, e, i) mod K."""
+    """Token ids of one view per image and epoch: item i of epoch e is view hash(seed, e, i) mod K.
 
-    def __init__(self, cache_dir, seed=0):
+    views_per_sample=2 (MAGE-C): item i is (2, L), the view above and a second, different one drawn uniformly
+    from the other K - 1 views by hash(seed, e, i, 1) (so K >= 2 is needed).
+    """
+
+    def __init__(self, cache_dir, seed=0, views_per_sample=1):
         self.meta = read_meta(cache_dir)
         tokens, indices, labels = [], [], []
         for rank in range(self.meta["world_size"]):
@@ -77,6 +81,10 @@ class CachedTokenDataset(torch.utils.data.Dataset):
         self.shard_starts = np.cumsum([0] + [len(t) for t in tokens])
         self.labels = np.concatenate(labels)[order]
         self.num_views = self.meta["num_views"]
+        if views_per_sample not in (1, 2) or views_per_sample > self.num_views:
+            raise UsageError(f"token cache '{cache_dir}' holds {self.num_views} view(s) per image; "
+                             f"{views_per_sample} different views per sample need at least that many")
+        self.views_per_sample = views_per_sample
         self.seed = seed
         self.epoch = 0
 
@@ -86,9 +94,17 @@ class CachedTokenDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.row_of)
 
+    def views(self, index):
+        """The cached views (indices in [0, K)) that item `index` of the current epoch returns."""
+        first = derive_seed(self.seed, self.epoch, index) % self.num_views
+        if self.views_per_sample == 1:
+            return [first]
+        offset = 1 + derive_seed(self.seed, self.epoch, index, 1) % (self.num_views - 1)
+        return [first, (first + offset) % self.num_views]
+
     def __getitem__(self, index):
         row = int(self.row_of[index])
         shard = int(np.searchsorted(self.shard_starts, row, side="right") - 1)
-        view = derive_seed(self.seed, self.epoch, index) % self.num_views
-        tokens = np.asarray(self.shards[shard][row - self.shard_starts[shard], view], dtype=np.int64)
-        return torch.from_numpy(tokens), int(self.labels[index])
+        views = self.views(index)
+        tokens = np.asarray(self.shards[shard][row - self.shard_starts[shard], views], dtype=np.int64)  # (V, L)
+        return torch.from_numpy(tokens[0] if self.views_per_sample == 1 else tokens), int(self.labels[index])
