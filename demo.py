@@ -60,12 +60,13 @@ from util.precision import autocast, default_amp
 PRESETS = {
     "default": {
         "data": {"num_train": 500, "num_val": 60},
-        "tokenizer": {"flags": ["--epochs", 5, "--channels_last"]},
-        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 70, "batch_size": 64, "lr": 2e-3,
+        "tokenizer": {"flags": ["--epochs", 4, "--channels_last"]},
+        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 45, "batch_size": 64, "lr": 2e-3,
                      "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
                      "label_drop_prob": 0.1},
         "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8,
-                     "num_per_class": 64, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0, 6.0], "cfg_schedule": "constant"},
+                     "num_per_class": 32, "cond_temp": 2.0, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0, 6.0],
+                     "cfg_schedule": "constant"},
         "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
         "classes": {"epochs": 6, "batch_size": 64},
     },
@@ -76,11 +77,16 @@ PRESETS = {
                      "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
                      "label_drop_prob": 0.1},
         "generate": {"num_images": 16, "num_iter": 4, "temp": 4.5, "batch_size": 16, "num_inpaint": 4,
-                     "num_per_class": 2, "cfg": 1.0, "cfg_sweep": [0.0], "cfg_schedule": "constant"},
+                     "num_per_class": 2, "cond_temp": 2.0, "cfg": 1.0, "cfg_sweep": [0.0], "cfg_schedule": "constant"},
         "probe": {"epochs": 3, "batch_size": 64, "blr": 1.0, "warmup_epochs": 1},
         "classes": {"epochs": 2, "batch_size": 64},
     },
 }
+# demo.py --contrastive: MAGE-C pre-training in place of MAGE's (docs/mage_c_recipe.md). Each step carries two
+# views of every image, so half the epochs keep the wall-clock budget; the views are SimCLR's augmentation,
+# cached like MAGE's flips; the projector is narrower than CAN's 4096 (the encoder is 128 wide).
+CONTRASTIVE = {"contrastive_weight": 0.045, "views": "contrastive", "num_views": 4, "epochs_factor": 0.5,
+               "projector_hidden_dim": 512}
 AMP_TOKENIZER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_CLASS_FRACTION = 0.05  # a sample histogram with every class at least this often is "not collapsed"
 PICTURE_SIDE = 96  # small images are enlarged (nearest neighbour) to about this many pixels in the pictures
@@ -100,6 +106,11 @@ def get_args_parser():
                              "them the FID/IS stage is skipped")
     parser.add_argument("--pretrain_epochs", default=0, type=int,
                         help="MAGE pre-training epochs instead of the preset's (more compute, better samples)")
+    parser.add_argument("--contrastive", action="store_true",
+                        help="MAGE-C: pre-train with the contrastive loss (main_pretrain.py --contrastive_weight) "
+                             "on SimCLR views, in the same wall-clock budget")
+    parser.add_argument("--contrastive_weight", default=CONTRASTIVE["contrastive_weight"], type=float,
+                        help="lambda of --contrastive")
     parser.add_argument("--stop_after", default="", choices=[""] + [stage.name for stage in STAGES],
                         help="stop after this stage (a later run continues from there)")
     return parser
@@ -115,8 +126,14 @@ class Context:
         self.args = args
         self.out = os.path.abspath(args.output_dir)
         self.preset = copy.deepcopy(PRESETS["quick" if args.quick else "default"])
+        pretrain = self.preset["pretrain"]
+        if args.contrastive:
+            pretrain.update(contrastive_weight=args.contrastive_weight, views=CONTRASTIVE["views"],
+                            num_views=max(pretrain["num_views"], CONTRASTIVE["num_views"]),
+                            projector_hidden_dim=CONTRASTIVE["projector_hidden_dim"],
+                            epochs=max(1, round(pretrain["epochs"] * CONTRASTIVE["epochs_factor"])))
         if args.pretrain_epochs:
-            self.preset["pretrain"]["epochs"] = args.pretrain_epochs
+            pretrain["epochs"] = args.pretrain_epochs
         self.device = args.device
         if args.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,7 +234,8 @@ def stage_pretrain(ctx, folder):
     # crops (scale 0.2-1) suit long schedules; in the demo's few epochs the model would then learn zoomed-in
     # parts more than shapes.
     cache = run_main(main_cache_tokens, [
-        "--data_path", ctx.path("data"), "--output_dir", os.path.join(folder, "token_cache"), "--views", "flips",
+        "--data_path", ctx.path("data"), "--output_dir", os.path.join(folder, "token_cache"),
+        "--views", preset.get("views", "flips"),
         "--num_views", preset["num_views"], "--input_size", ctx.resolution, "--batch_size", 256,
         "--vqgan_config", config, "--vqgan_ckpt", tokenizer, "--device", ctx.device, "--seed", ctx.args.seed,
         "--num_workers", 0])
@@ -230,17 +248,32 @@ def stage_pretrain(ctx, folder):
         "--fused_attn" if preset["fused_attn"] else "--no-fused_attn",
         "--output_dir", folder, "--log_dir", os.path.join(folder, "tb"),
         "--save_every", 0, "--vis_every", 0, "--auto_resume", "--device", ctx.device,
-        "--seed", ctx.args.seed, "--num_workers", 0])
+        "--seed", ctx.args.seed, "--num_workers", 0, *contrastive_args(preset)])
     loss_picture(ctx)
     history = result["history"]
     return {"final_loss": result["final_loss"], "first_epoch_loss": history[0]["train_loss"],
             "epochs": result["epochs"], "steps": result["epochs"] * result["steps_per_epoch"],
-            "checkpoint": ctx.relative(result["checkpoint"])}
+            "checkpoint": ctx.relative(result["checkpoint"]),
+            "contrastive_weight": preset.get("contrastive_weight", 0.0),
+            "final_contrastive_loss": result["final_contrastive_loss"],
+            "final_contrastive_acc": result["final_contrastive_acc"]}
+
+
+def contrastive_args(preset):
+    """main_pretrain.py's MAGE-C flags of a --contrastive run (none for MAGE)."""
+    if not preset.get("contrastive_weight"):
+        return []
+    return ["--contrastive_weight", preset["contrastive_weight"], "--projector_hidden_dim",
+            preset["projector_hidden_dim"]]
 
 
 def describe_pretrain(result):
-    return (f"loss {result['first_epoch_loss']:.3f} (epoch 1) -> {result['final_loss']:.3f} (epoch "
+    line = (f"loss {result['first_epoch_loss']:.3f} (epoch 1) -> {result['final_loss']:.3f} (epoch "
             f"{result['epochs']}), {result['steps']} steps")
+    if result.get("contrastive_weight"):
+        line += (f"; MAGE-C (lambda {result['contrastive_weight']:g}): InfoNCE {result['final_contrastive_loss']:.3f}, "
+                 f"positive first {100 * result['final_contrastive_acc']:.1f}%")
+    return line
 
 
 def loss_picture(ctx):
@@ -273,19 +306,20 @@ def stage_generate(ctx, folder):
     conditional = {}
     for cfg in guidance_scales(preset):
         run = run_main(gen_img_cond, generator_args(ctx, preset) + [
-            "--num_images_per_class", preset["num_per_class"], "--cfg", cfg, "--cfg_schedule",
+            "--num_images_per_class", preset["num_per_class"], "--temp", preset["cond_temp"], "--cfg", cfg, "--cfg_schedule",
             preset["cfg_schedule"], "--output_dir", os.path.join(folder, "conditional")])
         conditional[f"{cfg:g}"] = ctx.relative(run["image_dir"])
     inpaint(ctx, folder, preset)
     return {"image_dir": ctx.relative(result["image_dir"]), "num_images": result["num_images"],
-            "num_iter": preset["num_iter"], "temp": preset["temp"], "conditional_dirs": conditional,
+            "num_iter": preset["num_iter"], "temp": preset["temp"], "cond_temp": preset["cond_temp"],
+            "conditional_dirs": conditional,
             "num_per_class": preset["num_per_class"], "cfg": preset["cfg"], "cfg_schedule": preset["cfg_schedule"]}
 
 
 def describe_generate(result):
     scales = ", ".join(result["conditional_dirs"])
-    return (f"{result['num_images']} unconditional samples + {result['num_per_class']} per class at w = {scales}; "
-            f"{result['num_iter']} steps, temperature {result['temp']:g}")
+    return (f"{result['num_images']} unconditional (temperature {result['temp']:g}) + {result['num_per_class']} per "
+            f"class at w = {scales} (temperature {result['cond_temp']:g}), {result['num_iter']} steps")
 
 
 def inpaint(ctx, folder, preset):
@@ -470,8 +504,8 @@ STAGES = [
     Stage("tokenizer", "train the VQGAN tokenizer", stage_tokenizer, describe_tokenizer, ("data",),
           tokenizer_settings),
     Stage("pretrain", "pre-train MAGE on the tokens", stage_pretrain, describe_pretrain, ("data", "tokenizer")),
-    Stage("generate", "generate images and inpaint", stage_generate, describe_generate, ("pretrain",)),
     Stage("probe", "linear-probe the encoder vs raw pixels", stage_probe, describe_probe, ("data", "pretrain")),
+    Stage("generate", "generate images and inpaint", stage_generate, describe_generate, ("pretrain",)),
     Stage("classes", "label the samples with a classifier", stage_classes, describe_classes, ("data", "generate")),
     Stage("fid", "FID / IS", stage_fid, describe_fid, ("data", "generate"), fid_settings),
 ]

@@ -207,3 +207,25 @@ def test_unusable_fid_weights_stop_the_demo_before_any_stage(tmp_path):
     with pytest.raises(SystemExit, match=r"demo: unusable Inception weights .*not a state dict"):
         demo.main(args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_contrastive_demo_pretrains_mage_c_in_the_same_budget(tmp_path):
+    """--contrastive: pre-training carries the MAGE-C head and logs its loss, on half the epochs (each step
+    holds two views of every image) from a cache of SimCLR views."""
+    parse = demo.get_args_parser().parse_args
+    plain = demo.Context(parse(["--output_dir", str(tmp_path / "plain")]))
+    args = parse(["--quick", "--device", "cpu", "--contrastive", "--output_dir", str(tmp_path / "out"),
+                  "--stop_after", "pretrain"])
+    ctx = demo.Context(args)
+    assert demo.Context(parse(["--contrastive", "--output_dir", str(tmp_path)])).preset["pretrain"]["epochs"] == \
+        round(plain.preset["pretrain"]["epochs"] * demo.CONTRASTIVE["epochs_factor"])
+    assert demo.run(ctx) is None
+    result = ctx.results["pretrain"]
+    assert result["contrastive_weight"] == demo.CONTRASTIVE["contrastive_weight"]
+    log = [json.loads(line) for line in (tmp_path / "out" / "pretrain" / "log.txt").read_text().splitlines()]
+    assert result["final_contrastive_loss"] == log[-1]["train_contrastive_loss"]
+    state = torch.load(tmp_path / "out" / result["checkpoint"], map_location="cpu", weights_only=True)["model"]
+    assert any(key.startswith("contrastive_head.") for key in state)
+    cache = json.loads((tmp_path / "out" / "pretrain" / "token_cache" / "meta.json").read_text())
+    assert cache["views"] == "contrastive"
