@@ -10,7 +10,8 @@ RSS of this process during the task); model FLOPs per image and, with --peak_tfl
 utilisation. The speed flags are the scripts' (util/perf.py), with the same defaults; the "fast" mode is
 what they select. --compare runs the same work in reference numerics (--reference_numerics: float32,
 explicit softmax attention, contiguous NCHW, no compile, AdamW without fusion) and in the fast mode, in one
-process, alternating the two call by call, and prints the ratios.
+process, alternating the two call by call, and prints the ratios. All weights are random, the tokenizer's
+included: the speed does not depend on them.
 """
 import util.env_setup  # noqa: F401  (sets GOMP_SPINCOUNT before torch is imported)
 
@@ -32,14 +33,17 @@ from util.perf import PERF_FLAGS, REFERENCE_NUMERICS, adamw_kwargs, add_perf_arg
 from util.precision import autocast
 from util.sampling import decode_tokens, iterative_decode
 
+RANDOM_WEIGHTS = ("Every model runs on random weights seeded by --seed, the tokenizer's included (no checkpoint or "
+                  "--vqgan_ckpt): speed does not depend on the weights.")
 TASKS = ("pretrain", "pretrain_cached", "encode", "decode", "generate_T12", "generate_T20", "linprobe_features")
 H200_BF16_DENSE_TFLOPS = 989.0
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAGE benchmark", add_help=True)
+    parser = argparse.ArgumentParser("MAGE benchmark", add_help=True, description=RANDOM_WEIGHTS)
     parser.add_argument("--model", default="mage_vit_base_patch16", choices=sorted(models_mage.MODELS))
-    parser.add_argument("--vqgan_config", default=None, help="tokenizer YAML (default: the preset's)")
+    parser.add_argument("--vqgan_config", default=None,
+                        help="tokenizer YAML (default: the preset's); its weights are random, as all weights here")
     parser.add_argument("--batch_size", default=2, type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")

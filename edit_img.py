@@ -25,14 +25,13 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from gen_img_uncond import add_model_args, build_model, check_model_args
-from util.checkpoint import write_atomic
 from util.cli import add_runtime_args, run_script
 from util.distributed import cleanup_distributed
 from util.errors import UsageError
-from util.generation import check_sampling_args
+from util import generation
 from util.images import image_size, open_grey, open_rgb
 from util.output_dir import open_output_dir
 from util.precision import autocast
@@ -96,7 +95,7 @@ def outpaint_margins(args, resolution):
 
 def check_edit_args(args):
     check_model_args(args)
-    check_sampling_args(args)
+    generation.check_sampling_args(args)
     has_region = args.box is not None or bool(args.mask_image)
     if args.mode == "inpaint" and args.box is not None and args.mask_image:
         raise UsageError("give either --box or --mask_image, not both")
@@ -258,7 +257,8 @@ def edit_batch(model, args, paths, indices, resolution):
 
 
 def save_png(image, path):
-    write_atomic(path, lambda f: save_image(image, f, format="png"), sync=False)
+    """(3, H, W) in [0, 1] -> PNG, truncated to 8 bits as the generation scripts save (util.generation.to_uint8)."""
+    generation.save_png(generation.to_uint8(image[None])[0], path)
 
 
 @releases_output_dir

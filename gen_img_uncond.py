@@ -23,7 +23,7 @@ import models_mage
 from models_mage import tokenizer_kwargs
 from util import generation
 from util.checkpoint import extract_model_state, load_checkpoint, load_mage_weights
-from util.cli import add_runtime_args, run_script
+from util.cli import add_runtime_args, check_tokenizer_source, run_script
 from util.distributed import barrier, cleanup_distributed, is_main_process
 from util.errors import CheckpointError, UsageError
 from util.perf import INFERENCE_FLAGS, add_perf_args, apply_perf_settings
@@ -40,10 +40,12 @@ def add_model_args(parser):
     model.add_argument("--model", default="mage_vit_base_patch16", choices=sorted(models_mage.MODELS))
     model.add_argument("--ckpt", default="", help="MAGE checkpoint ({'model': state dict incl. vqgan.*})")
     model.add_argument("--random_init", action="store_true",
-                       help="run without a checkpoint on random weights (seeded by --seed; tests and benchmarks)")
+                       help="run without a checkpoint on random weights, the tokenizer's too unless --vqgan_ckpt "
+                            "(seeded by --seed; tests and benchmarks)")
     model.add_argument("--vqgan_config", default=None, help="tokenizer config (default: the model preset's)")
     model.add_argument("--vqgan_ckpt", default=None,
-                       help="tokenizer weights; when given they replace any vqgan.* weights in --ckpt")
+                       help="tokenizer weights; when given they replace any vqgan.* weights in --ckpt (needed when "
+                            "--ckpt has none)")
     add_perf_args(parser, INFERENCE_FLAGS)
     return model
 
@@ -66,6 +68,8 @@ def get_args_parser():
 def check_model_args(args):
     if args.random_init == bool(args.ckpt):
         raise UsageError("pass --ckpt PATH (a MAGE checkpoint), or --random_init to run on random weights")
+    if args.ckpt:  # --random_init: random weights by request, the tokenizer's too unless --vqgan_ckpt
+        check_tokenizer_source(args, [args.ckpt], opt_out=None)
 
 
 def check_args(args):

@@ -20,7 +20,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from taming.models.vqgan import build_vqgan, token_grid_size
-from util.cli import add_runtime_args, run_script
+from util.cli import add_random_tokenizer_arg, add_runtime_args, check_tokenizer_source, run_script
 from util.datasets import SeededImageFolder, check_split, pretrain_transform, simclr_transform
 from util.distributed import barrier, is_main_process
 from util.errors import UsageError
@@ -52,6 +52,7 @@ def get_args_parser():
     group.add_argument("--batch_size", default=64, type=int, help="images tokenized at once per process")
     group.add_argument("--vqgan_config", default="config/vqgan.yaml")
     group.add_argument("--vqgan_ckpt", default=None, help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt")
+    add_random_tokenizer_arg(group)
     group.add_argument("--skip_bad_images", action="store_true")
     add_runtime_args(parser)
     add_perf_args(parser, TOKENIZER_FLAGS)
@@ -65,6 +66,7 @@ def check_args(args):
         raise UsageError(f"--views flips has {len(FLIPS)} views (the image and its flips); got --num_views "
                          f"{args.num_views}")
     check_split(args.data_path, "train")
+    check_tokenizer_source(args)
 
 
 def view_transform(args):
@@ -116,7 +118,7 @@ def main(args):
     """
     # the cache folder is checked against the tokenizer's settings before it is created
     setup_run(args, check_args, create_output_dir=False)
-    seed_everything(args.seed)  # the same tokenizer on every rank even without --vqgan_ckpt
+    seed_everything(args.seed)  # the same tokenizer on every rank with --random_tokenizer
     vqgan, vqgan_settings = build_vqgan(args.vqgan_config, args.vqgan_ckpt)
     if vqgan_settings["n_embed"] > 2 ** 16:
         raise UsageError(f"codebook of {vqgan_settings['n_embed']} entries does not fit uint16 token ids")

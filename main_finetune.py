@@ -18,8 +18,9 @@ import util.datasets as data
 import util.lr_decay as lrd
 from engine_finetune import evaluate, fit_classifier
 from models_mage import check_input_size, tokenizer_kwargs
-from util.checkpoint import expected_checkpoint_size, load_model
-from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.checkpoint import expected_checkpoint_size, load_model, resolve_resume_path
+from util.cli import (add_checkpoint_args, add_random_tokenizer_arg, add_runtime_args, check_tokenizer_source,
+                      run_script)
 from util.distributed import cleanup_distributed, get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
 from util.lr_sched import effective_lr
@@ -41,7 +42,10 @@ def get_args_parser():
     group.add_argument("--model", default="vit_large_patch16", choices=sorted(models_vit.MODELS))
     group.add_argument("--input_size", default=256, type=int, help="image side fed to the tokenizer")
     group.add_argument("--vqgan_config", default="", help="tokenizer YAML (default: the model preset's)")
-    group.add_argument("--vqgan_ckpt", default="", help="tokenizer weights (the --finetune checkpoint has them)")
+    group.add_argument("--vqgan_ckpt", default="",
+                       help="tokenizer weights; needed unless the --finetune or --resume checkpoint holds them "
+                            "(vqgan.*), as the project's and the released MAGE checkpoints do")
+    add_random_tokenizer_arg(group)
     group.add_argument("--drop_path", type=float, default=0.1, help="drop path rate")
     group.add_argument("--finetune", default="", help="MAGE pre-training checkpoint to start from")
     group.add_argument("--global_pool", action="store_true", default=True, help="mean-pool the image tokens")
@@ -116,6 +120,7 @@ def check_args(args):
         except (AssertionError, KeyError, ValueError) as err:
             raise UsageError(f"--aa '{args.aa}' is not a timm augmentation policy ({err or type(err).__name__}); "
                          f"'none' turns it off") from None
+    check_tokenizer_source(args, ["" if args.eval else args.finetune, resolve_resume_path(args)])
 
 
 def build_model(args):

@@ -13,7 +13,8 @@ from engine_pretrain import train_one_epoch
 from models_mage import check_input_size, tokenizer_kwargs
 from util.checkpoint import (checkpoint_path, expected_checkpoint_size, extract_model_state, load_checkpoint,
                              load_mage_weights, load_model, resolve_resume_path)
-from util.cli import add_checkpoint_args, add_runtime_args, run_script
+from util.cli import (add_checkpoint_args, add_random_tokenizer_arg, add_runtime_args, check_tokenizer_source,
+                      run_script)
 from util.contrastive import DEFAULT_HIDDEN_DIM, DEFAULT_NUM_LAYERS, DEFAULT_OUT_DIM, DEFAULT_TEMPERATURE
 from util.distributed import get_world_size, unwrap, wrap_ddp
 from util.errors import UsageError
@@ -42,7 +43,10 @@ def get_args_parser():
     group.add_argument("--model", default="mage_vit_large_patch16", choices=sorted(models_mage.MODELS))
     group.add_argument("--input_size", default=256, type=int, help="image side fed to the tokenizer")
     group.add_argument("--vqgan_config", default="", help="tokenizer YAML (default: the model preset's)")
-    group.add_argument("--vqgan_ckpt", default="", help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt")
+    group.add_argument("--vqgan_ckpt", default="",
+                       help="tokenizer weights, e.g. vqgan_jax_strongaug.ckpt; needed unless --finetune or the "
+                            "checkpoint resumed from holds them (vqgan.*)")
+    add_random_tokenizer_arg(group)
     group.add_argument("--mask_ratio_min", type=float, default=0.5)
     group.add_argument("--mask_ratio_max", type=float, default=1.0)
     group.add_argument("--mask_ratio_mu", type=float, default=0.55)
@@ -129,6 +133,7 @@ def check_args(args):
     if not 0.0 <= args.label_drop_prob <= 1.0:
         raise UsageError(f"--label_drop_prob must be in [0, 1], got {args.label_drop_prob}")
     check_contrastive_args(args)
+    check_tokenizer_source(args, [args.finetune, resolve_resume_path(args)])
     if args.cached_tokens:
         meta = read_meta(args.cached_tokens)
         if args.contrastive_weight > 0 and meta["num_views"] < 2:
@@ -202,9 +207,6 @@ def build_model(args):
     check_input_size(model, args.input_size)
     if args.finetune:
         load_finetune_weights(model, args)
-    elif not args.vqgan_ckpt and not resolve_resume_path(args):
-        print("WARNING: no --vqgan_ckpt and nothing to resume: the tokenizer is randomly initialised "
-              "(fine for tests, useless for real pre-training)")
     return model
 
 

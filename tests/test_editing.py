@@ -2,6 +2,7 @@
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +12,7 @@ from conftest import draw_shape_image
 from models_mage import mage_vit_tiny_patch16
 from taming.models.vqgan import load_vqgan_config
 from util.errors import UsageError
-from util.sampling import image_generators
+from util.sampling import decode_tokens, image_generators
 
 TINY = ["--model", "mage_vit_tiny_patch16", "--random_init", "--device", "cpu", "--amp", "none",
         "--num_iter", "3"]
@@ -82,6 +83,20 @@ def test_inpaint_script_box_and_mask_image(tmp_path):
     edit_img.main(parse("--mode", "inpaint", "--input", photo, "--mask_image", str(tmp_path / "mask.png"),
                         "--output_dir", str(tmp_path / "out_mask")))
     assert open(out / "photo_inpaint.png", "rb").read() == open(tmp_path / "out_mask" / "photo_inpaint.png", "rb").read()
+
+
+def test_saved_edits_are_the_decoded_images_truncated_like_generated_ones(tmp_path):
+    """An edit is saved as np.clip(x * 255, 0, 255).astype(np.uint8) of the decoded image, as generated images are
+    (util.generation.to_uint8): truncated, not rounded."""
+    photo = write_image(tmp_path / "photo.png", 256, 256)
+    args = parse("--mode", "reconstruct", "--input", photo, "--output_dir", str(tmp_path / "out"))
+    saved = np.array(Image.open(edit_img.main(args)["images"][0]))
+    model = edit_img.build_model(args)  # the same seeded random weights
+    canvas, _ = edit_img.prepare_canvas(args, photo, 256)
+    decoded = decode_tokens(model, model.tokenize(canvas[None]))[0].numpy().transpose(1, 2, 0)
+    truncated = np.clip(decoded * 255, 0, 255).astype(np.uint8)
+    assert (np.round(decoded * 255).astype(np.uint8) != truncated).mean() > 0.1  # rounding would not pass
+    np.testing.assert_array_equal(saved, truncated)
 
 
 def test_box_follows_resize_and_center_crop(tmp_path):

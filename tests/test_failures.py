@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, write_image_folder
 from train_support import (file_sha256 as sha256, max_abs_difference, parse, pretrain_args, run_script, script_env)
 from util.checkpoint import (CHECKPOINT_LAST, KILL_HOOK, expected_checkpoint_size, load_checkpoint,
                              repair_run_files, save_checkpoint_atomic)
-from util.errors import DiskWriteError, TrainingError
+from util.errors import DiskWriteError, TrainingError, UsageError
 from util.output_dir import (LOCK_FILE, DirectoryLock, OutputDirError, check_output_dir, open_output_dir,
                              release_output_dirs)
 
@@ -102,6 +102,52 @@ def test_stale_temp_files_are_removed_at_start(tmp_path, capsys):
         release_output_dirs()
     assert [p.exists() for p in stale] == [False, False] and all(p.exists() for p in kept)
     assert "removed 1 temporary files of interrupted saves" in capsys.readouterr().out
+
+
+def test_no_script_runs_on_a_random_tokenizer_unless_asked(tmp_path, tokenizer_config):
+    """Every script that builds the tokenizer needs its weights: --vqgan_ckpt, or a checkpoint it loads holding
+    vqgan.* (--finetune, --ckpt); otherwise a usage error naming the flag before anything is written, unless
+    --random_tokenizer (--random_init for generation) asks for random weights. main_pretrain.py: test_pretrain."""
+    import edit_img
+    import gen_img_cond
+    import gen_img_uncond
+    import main_cache_tokens
+    import main_finetune
+    import main_linprobe
+    import models_mage
+    data = write_image_folder(tmp_path / "data", splits=(("train", 1), ("val", 1)), size=32)
+    image = glob.glob(os.path.join(data, "val", "*", "*.png"))[0]
+    torch.manual_seed(0)
+    weights = models_mage.mage_vit_tiny_patch16(vqgan_config=tokenizer_config).state_dict()
+    full, bare = str(tmp_path / "mage.pth"), str(tmp_path / "mage_without_tokenizer.pth")
+    torch.save({"model": weights}, full)
+    torch.save({"model": {k: v for k, v in weights.items() if not k.startswith("vqgan.")}}, bare)
+    out = tmp_path / "out"
+    common = ["--vqgan_config", tokenizer_config, "--device", "cpu", "--output_dir", str(out)]
+    classifier = ["--model", "vit_tiny_patch16", "--input_size", "32", "--data_path", data, "--nb_classes", "4"]
+    generator = ["--model", "mage_vit_tiny_patch16"]
+    cases = [  # module, its usage check, flags, (flags without a tokenizer, refused), (flags with one, accepted)
+        (main_cache_tokens, "check_args", ["--data_path", data], [[]], [["--random_tokenizer"]]),
+        (main_linprobe, "check_args", classifier, [[], ["--finetune", bare]],
+         [["--finetune", full], ["--random_tokenizer"]]),
+        (main_finetune, "check_args", classifier, [[], ["--finetune", bare]],
+         [["--finetune", full], ["--random_tokenizer"]]),
+        (gen_img_uncond, "check_args", generator, [["--ckpt", bare]], [["--ckpt", full], ["--random_init"]]),
+        (gen_img_cond, "check_args", generator, [["--ckpt", bare]], [["--ckpt", full], ["--random_init"]]),
+        (edit_img, "check_edit_args", [*generator, "--input", image, "--mode", "reconstruct"], [["--ckpt", bare]],
+         [["--ckpt", full], ["--ckpt", bare, "--vqgan_ckpt", full]]),
+    ]
+    for module, check, flags, refused, accepted in cases:
+        parser = module.get_args_parser()
+        for extra in refused:
+            with pytest.raises(UsageError, match="no tokenizer weights.*: pass --vqgan_ckpt with the released "
+                                                 "vqgan_jax_strongaug.ckpt") as error:
+                module.main(parser.parse_args([*flags, *common, *extra]))
+            assert (bare in str(error.value)) == (bare in extra), module.__name__
+            assert ("--random_tokenizer" in str(error.value)) == ("--random_tokenizer" in parser.format_help())
+            assert not out.exists(), module.__name__
+        for extra in accepted:
+            getattr(module, check)(parser.parse_args([*flags, *common, *extra]))
 
 
 def test_resume_repairs_a_missing_milestone_and_log_line(tmp_path):

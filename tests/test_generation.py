@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +27,7 @@ from util.checkpoint import CheckpointError
 from util.errors import UsageError
 from util.fid import PIXEL_STATS, FidWeightsError, compute_metrics
 from util.generation import prepare_folder
+from util.sampling import decode_tokens, image_generators, iterative_decode
 
 NUM_IMAGES = 8
 COMMON = ["--model", "mage_vit_tiny_patch16", "--num_images", str(NUM_IMAGES), "--num_iter", "3",
@@ -87,6 +89,24 @@ def test_layout_grid_and_metrics(reference_run):
     expected = compute_metrics(os.path.join(folder, "images"), references, feature_extractor=PIXEL_STATS)
     for name in ("frechet_inception_distance", "inception_score_mean"):
         assert report["metrics"][name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_pngs_hold_the_decoded_images_truncated_like_the_reference(ckpt, reference_run):
+    """Each PNG is np.clip(x * 255, 0, 255).astype(np.uint8) of the decoded float32 image, as the reference saves
+    its samples (FID is compared against its numbers): truncated, not rounded."""
+    args = parse("--ckpt", ckpt, "--batch_size", 2)
+    args.device = torch.device("cpu")
+    model = build_model(args)
+    indices = [0, 1]  # the first batch of the reference run
+    start = torch.full((len(indices), model.seq_len), model.mask_token_label, dtype=torch.long)
+    ids = iterative_decode(model, start, num_iter=3, temperature=4.5,
+                           generator=image_generators(0, indices, args.device))
+    decoded = decode_tokens(model, ids).numpy().transpose(0, 2, 3, 1)
+    truncated = np.clip(decoded * 255, 0, 255).astype(np.uint8)
+    saved = np.stack([np.array(Image.open(os.path.join(reference_run[0], RUN_NAME, "images", f"{k:05d}.png")))
+                      for k in indices])
+    assert (np.round(decoded * 255).astype(np.uint8) != truncated).mean() > 0.1  # rounding would not pass
+    np.testing.assert_array_equal(saved, truncated)
 
 
 def test_rerun_skips_written_images(ckpt, reference_run, capsys):

@@ -158,7 +158,7 @@ def test_cached_contrastive_views_train_mage_c(shapes, tokenizer_config, tmp_pat
     main_cache_tokens.main(parse(main_cache_tokens, [
         "--data_path", shapes, "--output_dir", str(cache), "--aug", "contrastive", "--num_views", "3",
         "--vqgan_config", tokenizer_config, "--input_size", "32", "--batch_size", "8", "--num_workers", "0",
-        "--device", "cpu", "--amp", "none"]))
+        "--device", "cpu", "--amp", "none", "--random_tokenizer"]))
     assert json.load(open(cache / "meta.json"))["views"] == "contrastive"
     result = pretrain(shapes, tokenizer_config, tmp_path / "run", *MAGE_C, "--epochs", 1, "--cached_tokens", cache)
     assert result["final_contrastive_loss"] > 0 and result["steps_per_epoch"] == 2
@@ -166,7 +166,8 @@ def test_cached_contrastive_views_train_mage_c(shapes, tokenizer_config, tmp_pat
     one_view = tmp_path / "one_view"
     main_cache_tokens.main(parse(main_cache_tokens, [
         "--data_path", shapes, "--output_dir", str(one_view), "--num_views", "1", "--vqgan_config", tokenizer_config,
-        "--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "none"]))
+        "--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "none",
+        "--random_tokenizer"]))
     with pytest.raises(UsageError, match="needs two different views per image"):
         pretrain(shapes, tokenizer_config, tmp_path / "refused", *MAGE_C, "--epochs", 1, "--cached_tokens", one_view)
     with pytest.raises(UsageError, match="--contrastive_weight must not be negative"):

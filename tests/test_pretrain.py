@@ -214,3 +214,55 @@ def test_resume_from_checkpoint_of_another_model_names_the_keys(tmp_path, shapes
     with pytest.raises(CheckpointError, match=r"missing keys: .*blocks\.0\.attn\.proj\.bias.*shape mismatch: "
                                         r"blocks\.0\.norm1\.weight"):
         main_pretrain.main(parse(main_pretrain, argv))
+
+
+@pytest.mark.slow
+def test_pretraining_without_tokenizer_weights_is_an_error_naming_the_flag_and_the_file(tmp_path, shapes,
+                                                                                         tokenizer_config):
+    out = tmp_path / "out"
+    result = run_script("main_pretrain.py", pretrain_args(shapes, out, tokenizer_config, "--no-random_tokenizer"),
+                        check=False)
+    assert result.returncode == 2
+    assert "error: no tokenizer weights: pass --vqgan_ckpt with the released vqgan_jax_strongaug.ckpt" in result.stderr
+    assert "--random_tokenizer" in result.stderr
+    assert not out.exists()  # nothing written, not even the output folder
+
+
+def test_tokenizer_weights_come_from_a_file_a_loaded_checkpoint_or_an_explicit_random_tokenizer(
+        tmp_path, shapes, tokenizer_config):
+    """--vqgan_ckpt, or a --resume / --auto_resume / --finetune checkpoint holding vqgan.*; a random tokenizer only
+    with --random_tokenizer; anything else is refused before any work."""
+    def argv(out, *flags):  # without --random_tokenizer
+        return pretrain_args(shapes, out, tokenizer_config, "--batch_size", 8, "--no-random_tokenizer", *flags)
+
+    first = tmp_path / "first"
+    with pytest.raises(UsageError, match="no tokenizer weights: pass --vqgan_ckpt .*vqgan_jax_strongaug.ckpt"):
+        main_pretrain.main(parse(main_pretrain, argv(first, "--epochs", 1)))
+    assert not first.exists()
+    main_pretrain.main(parse(main_pretrain, argv(first, "--epochs", 1, "--random_tokenizer")))
+    trained = model_state(first / "checkpoint-last.pth")
+    tokenizer = {k: v for k, v in trained.items() if k.startswith("vqgan.")}
+
+    # resuming takes the checkpoint's tokenizer: no --vqgan_ckpt needed
+    result = main_pretrain.main(parse(main_pretrain, argv(first, "--epochs", 2, "--resume", first)))
+    assert [e["epoch"] for e in result["history"]] == [0, 1]
+    resumed = model_state(first / "checkpoint-last.pth")
+    assert all(torch.equal(resumed[k], v) for k, v in tokenizer.items())
+    main_pretrain.check_args(parse(main_pretrain, argv(first, "--epochs", 3, "--auto_resume")))
+
+    # so does --finetune; a checkpoint without vqgan.* needs --vqgan_ckpt
+    args = parse(main_pretrain, argv(tmp_path / "ft", "--finetune", first / "checkpoint-last.pth"))
+    main_pretrain.check_args(args)
+    model = main_pretrain.build_model(args)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tokenizer.items())
+    bare = tmp_path / "no_tokenizer.pth"
+    torch.save({"model": {k: v for k, v in trained.items() if not k.startswith("vqgan.")}}, bare)
+    with pytest.raises(UsageError, match=f"no tokenizer weights \\({bare} holds no vqgan.\\* weights\\)"):
+        main_pretrain.main(parse(main_pretrain, argv(tmp_path / "ft", "--finetune", bare)))
+    assert not (tmp_path / "ft").exists()
+    tokenizer_file = tmp_path / "tokenizer.ckpt"
+    torch.save({"state_dict": {k.removeprefix("vqgan."): v for k, v in tokenizer.items()}}, tokenizer_file)
+    args = parse(main_pretrain, argv(tmp_path / "ft", "--finetune", bare, "--vqgan_ckpt", tokenizer_file))
+    main_pretrain.check_args(args)
+    model = main_pretrain.build_model(args)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tokenizer.items())

@@ -68,8 +68,10 @@ def write_texture_folder(root, splits, size=32, seed=0):
 
 
 def pretrain_args(data_path, output_dir, vqgan_config, *extra):
-    """Command-line flags of a tiny, full-precision, single-worker pre-training run."""
+    """Command-line flags of a tiny, full-precision, single-worker pre-training run (on a random tokenizer unless
+    `extra` gives --vqgan_ckpt, or --no-random_tokenizer)."""
     return ["--model", "mage_vit_tiny_patch16", "--vqgan_config", vqgan_config, "--input_size", "32",
+            "--random_tokenizer",
             "--data_path", str(data_path), "--output_dir", str(output_dir), "--log_dir", "",
             "--amp", "none", "--num_workers", "0", "--device", "cpu", *map(str, extra)]
 

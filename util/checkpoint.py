@@ -110,6 +110,14 @@ def extract_model_state(checkpoint, source="checkpoint"):
                           f"state dict; top-level keys are {sorted(checkpoint)[:10]})")
 
 
+def holds_tokenizer(path):
+    """Whether the MAGE or classifier checkpoint at `path` holds tokenizer weights (vqgan.* keys). Cheap: a
+    zip checkpoint (torch.save's format since 1.6) is memory-mapped, so only its keys are read; a legacy one is
+    read whole."""
+    checkpoint = load_checkpoint(path, mmap=zipfile.is_zipfile(path))
+    return any(key.startswith("vqgan.") for key in extract_model_state(checkpoint, source=os.fspath(path)))
+
+
 def _top_level_names(model):
     names = {name for name, _ in model.named_children()}
     names.update(name for name, _ in model.named_parameters(recurse=False))

@@ -1,12 +1,16 @@
-"""Command-line pieces shared by the scripts: the runtime and checkpoint flag groups, and `run_script`, which
-turns the scripts' errors into one-line messages. The speed flags are in util/perf.py."""
+"""Command-line pieces shared by the scripts: the runtime and checkpoint flag groups, the rule that the tokenizer
+has weights (`check_tokenizer_source`), and `run_script`, which turns the scripts' errors into one-line
+messages. The speed flags are in util/perf.py."""
 import argparse
 import builtins
 import sys
 
 import torch
 
+from util.checkpoint import holds_tokenizer
 from util.errors import CheckpointError, TrainingError, UsageError
+
+RELEASED_TOKENIZER = "vqgan_jax_strongaug.ckpt"
 
 
 def add_runtime_args(parser, data_loader=True):
@@ -45,6 +49,29 @@ def add_checkpoint_args(parser, save_every):
                             "refused)")
     group.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     return group
+
+
+def add_random_tokenizer_arg(group):
+    """--random_tokenizer, the explicit opt-out of check_tokenizer_source."""
+    group.add_argument("--random_tokenizer", action=argparse.BooleanOptionalAction, default=False,
+                       help="allow a randomly initialised tokenizer when neither --vqgan_ckpt nor a checkpoint "
+                            "the run loads gives its weights (experiments and tests; without it that is an error)")
+
+
+def check_tokenizer_source(args, checkpoints=(), opt_out="--random_tokenizer"):
+    """UsageError unless the tokenizer gets trained weights, from --vqgan_ckpt or from one of `checkpoints` (the
+    MAGE or classifier checkpoints the run loads; '' entries are skipped) that holds vqgan.* weights, or
+    args.random_tokenizer allows a random one. For the scripts' usage checks: it reads only the checkpoints' keys
+    (util.checkpoint.holds_tokenizer)."""
+    if args.vqgan_ckpt or getattr(args, "random_tokenizer", False):
+        return
+    checkpoints = [str(path) for path in checkpoints if path]
+    if any(holds_tokenizer(path) for path in checkpoints):
+        return
+    lacking = f" ({', '.join(checkpoints)} holds no vqgan.* weights)" if checkpoints else ""
+    raise UsageError(f"no tokenizer weights{lacking}: pass --vqgan_ckpt with the released {RELEASED_TOKENIZER} "
+                     f"(or a main_tokenizer.py tokenizer)"
+                     + (f"; {opt_out} runs with a random tokenizer, for tests and experiments" if opt_out else ""))
 
 
 def run_script(parser, main):

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, read_image
@@ -126,15 +127,18 @@ def batches_to_do(num_items, batch_size, path_of, side=None):
 
 
 def save_png(array, path):
-    """uint8 (H, W, 3) CPU tensor -> PNG, written atomically (its folder is created when missing)."""
+    """uint8 (H, W, 3) CPU tensor (to_uint8) -> PNG, written atomically (its folder is created when missing)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # no fsync per image: a rerun after a crash checks every file (is_done) and rewrites what is missing
     write_atomic(path, lambda f: Image.fromarray(array.numpy()).save(f, format="PNG"), sync=False)
 
 
 def to_uint8(images):
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) on the CPU."""
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) on the CPU, as the reference saves its samples: the float32
+    values truncated, np.clip(x * 255, 0, 255).astype(np.uint8), not rounded (FID is compared against numbers
+    of images saved so)."""
+    pixels = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.clip(pixels * 255, 0, 255).astype(np.uint8))
 
 
 def generate_missing(folder, settings, num_items, batch_size, path_of, generate_batch, side=None):
