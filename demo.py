@@ -60,12 +60,12 @@ from util.precision import autocast, default_amp
 PRESETS = {
     "default": {
         "data": {"num_train": 500, "num_val": 60},
-        "tokenizer": {"flags": ["--epochs", 4, "--channels_last"]},
-        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 45, "batch_size": 64, "lr": 2e-3,
+        "tokenizer": {"flags": ["--epochs", 3, "--channels_last"]},
+        "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 30, "batch_size": 64, "lr": 2e-3,
                      "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
                      "label_drop_prob": 0.1},
-        "generate": {"num_images": 768, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8,
-                     "num_per_class": 32, "cond_temp": 2.0, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0, 6.0],
+        "generate": {"num_images": 512, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8,
+                     "num_per_class": 24, "cond_temp": 2.0, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0],
                      "cfg_schedule": "constant"},
         "probe": {"epochs": 90, "batch_size": 256, "blr": 1.0, "warmup_epochs": 10},
         "classes": {"epochs": 6, "batch_size": 64},
