@@ -67,6 +67,7 @@ def reference_run(ckpt, classifier, tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.slow
 def test_layout_grid_and_classifier_metrics(reference_run):
     assert sorted(image_bytes(reference_run)) == FILES
     folder = os.path.join(reference_run, RUN_NAME)
@@ -105,6 +106,7 @@ def test_killed_run_resumes_to_the_same_files(ckpt, reference_run, tmp_path):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.slow
 def test_classifier_accuracy_matches_main_finetune_eval(reference_run, classifier, tmp_path):
     with open(os.path.join(reference_run, RUN_NAME, "metrics.json")) as f:
         reported = json.load(f)["classifier"]
@@ -128,6 +130,12 @@ def test_flags_are_checked_before_any_work(ckpt, tmp_path):
         check_args(parse("--ckpt", ckpt, "--class_ids", "1", "1"))
     with pytest.raises(UsageError, match="--eval_classifier"):
         check_args(parse("--ckpt", ckpt, "--eval_classifier", str(tmp_path / "missing.pth")))
+    with pytest.raises(CheckpointError, match="not a main_finetune.py checkpoint"):
+        models_vit.load_finetuned_classifier(ckpt)
+
+
+@pytest.mark.slow
+def test_classes_and_checkpoints_the_model_cannot_serve_stop_the_script_before_any_work(ckpt, tmp_path):
     result = generate(["--ckpt", ckpt, "--class_ids", "5", "--output_dir", str(tmp_path / "out")], check=False)
     assert result.returncode == 2 and "--class_ids [5] outside the model's 3 classes" in result.stderr
     unconditional = tmp_path / "uncond.pth"
@@ -135,8 +143,6 @@ def test_flags_are_checked_before_any_work(ckpt, tmp_path):
     result = generate(["--ckpt", str(unconditional), "--output_dir", str(tmp_path / "out")], check=False)
     assert result.returncode == 1 and "is an unconditional MAGE" in result.stderr and "--finetune" in result.stderr
     assert not os.path.exists(tmp_path / "out")
-    with pytest.raises(CheckpointError, match="not a main_finetune.py checkpoint"):
-        models_vit.load_finetuned_classifier(ckpt)
 
 
 @pytest.mark.slow
