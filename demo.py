@@ -10,10 +10,10 @@ Stages (each prints its progress; OUTPUT_DIR/<stage>/ holds its files):
   pretrain   the tokens of the training images and their flips, cached once (main_cache_tokens.py --views
              flips), + class-conditional MAGE pre-training on them with label dropout (main_pretrain.py
              --cached_tokens --class_cond): one model for conditional and unconditional sampling
-  generate   unconditional samples through the "no class" token (gen_img_uncond.py), class-conditional samples
-             at a few guidance scales (gen_img_cond.py --cfg) and an inpainting example (edit_img.py)
   probe      linear probe of the encoder (main_linprobe.py) and the same logistic regression on MAGE
              features and on raw pixels (util/synthetic_data.fit_linear_probe), on the same split
+  generate   unconditional samples through the "no class" token (gen_img_uncond.py), class-conditional samples
+             at a few guidance scales (gen_img_cond.py --cfg) and an inpainting example (edit_img.py)
   classes    a small CNN trained on the real train split (util/judge.py) labels the samples: the class
              histogram of the unconditional ones, the accuracy (overall, per class) of the conditional ones
   fid        FID/IS of the samples against the val split when Inception weights are on disk, else skipped
@@ -127,6 +127,8 @@ class Context:
         self.out = os.path.abspath(args.output_dir)
         self.preset = copy.deepcopy(PRESETS["quick" if args.quick else "default"])
         pretrain = self.preset["pretrain"]
+        if args.contrastive_weight != CONTRASTIVE["contrastive_weight"] and not args.contrastive:
+            raise SystemExit("demo: --contrastive_weight needs --contrastive")
         if args.contrastive:
             pretrain.update(contrastive_weight=args.contrastive_weight, views=CONTRASTIVE["views"],
                             num_views=max(pretrain["num_views"], CONTRASTIVE["num_views"]),
@@ -306,8 +308,8 @@ def stage_generate(ctx, folder):
     conditional = {}
     for cfg in guidance_scales(preset):
         run = run_main(gen_img_cond, generator_args(ctx, preset) + [
-            "--num_images_per_class", preset["num_per_class"], "--temp", preset["cond_temp"], "--cfg", cfg, "--cfg_schedule",
-            preset["cfg_schedule"], "--output_dir", os.path.join(folder, "conditional")])
+            "--num_images_per_class", preset["num_per_class"], "--temp", preset["cond_temp"], "--cfg", cfg,
+            "--cfg_schedule", preset["cfg_schedule"], "--output_dir", os.path.join(folder, "conditional")])
         conditional[f"{cfg:g}"] = ctx.relative(run["image_dir"])
     inpaint(ctx, folder, preset)
     return {"image_dir": ctx.relative(result["image_dir"]), "num_images": result["num_images"],

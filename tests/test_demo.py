@@ -170,6 +170,8 @@ def test_pretrain_epochs_overrides_only_the_pretraining_schedule(tmp_path):
         {k: v for k, v in plain.preset.items() if k != "pretrain"}
     with pytest.raises(SystemExit, match="pretrain_epochs"):
         demo.Context(parse(["--quick", "--output_dir", str(tmp_path), "--pretrain_epochs", "-1"]))
+    with pytest.raises(SystemExit, match="--contrastive_weight needs --contrastive"):
+        demo.Context(parse(["--quick", "--output_dir", str(tmp_path), "--contrastive_weight", "0.5"]))
 
 
 @pytest.mark.slow
