@@ -302,6 +302,19 @@ class MaskedGenerativeEncoderViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def init_code_embeddings_from_codebook(self, seed=0, std=0.02):
+        """Start the codebook rows of the word embeddings as the tokenizer's (centred) codes through a fixed
+        random projection (seeded), scaled to std: codes close in the tokenizer start close in MAGE's input and in
+        its output layer (which scores against these rows). The reference starts them at random."""
+        codes = self.vqgan.quantize.embedding.weight.float()  # (K, e_dim)
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(codes.shape[1], self.token_emb.word_embeddings.embedding_dim, generator=generator)
+        embeddings = (codes - codes.mean(dim=0)).cpu() @ projection  # (K, D)
+        embeddings *= std / embeddings.std()
+        weight = self.token_emb.word_embeddings.weight
+        weight[:self.codebook_size] = embeddings.to(weight.device, weight.dtype)
+
     def train(self, mode=True):
         super().train(mode)
         self.vqgan.eval()

@@ -266,3 +266,30 @@ def test_tokenizer_weights_come_from_a_file_a_loaded_checkpoint_or_an_explicit_r
     main_pretrain.check_args(args)
     model = main_pretrain.build_model(args)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in tokenizer.items())
+
+
+def _distance_correlation(a, b):
+    """Pearson correlation between the pairwise distances of the rows of a and those of b."""
+    off_diagonal = ~torch.eye(len(a), dtype=torch.bool)
+    da, db = torch.cdist(a, a)[off_diagonal], torch.cdist(b, b)[off_diagonal]
+    return torch.corrcoef(torch.stack([da, db]))[0, 1].item()
+
+
+@pytest.mark.parametrize("init", ["random", "codebook"])
+def test_code_embeddings_start_from_the_codebook_only_when_asked(tmp_path, shapes, tokenizer_config, init):
+    """--code_emb_init codebook: codes close in the tokenizer start close in MAGE (their pairwise distances are
+    correlated); with the default (the reference) they are unrelated. Class rows are untouched."""
+    args = parse(main_pretrain, pretrain_args(shapes, tmp_path, tokenizer_config, "--code_emb_init", init))
+    seed_everything(args.seed)
+    model = main_pretrain.build_model(args)
+    codes = model.vqgan.quantize.embedding.weight.detach().float()
+    rows = model.token_emb.word_embeddings.weight.detach()
+    correlation = _distance_correlation(codes, rows[:model.codebook_size])
+    if init == "codebook":
+        assert correlation > 0.5  # a square Gaussian projection (64 -> 64 here) distorts; 16 -> 128 (demo) far less
+        assert rows[:model.codebook_size].std().item() == pytest.approx(0.02, rel=1e-3)
+    else:
+        assert abs(correlation) < 0.1
+    seed_everything(args.seed)
+    reference = main_pretrain.build_model(parse(main_pretrain, pretrain_args(shapes, tmp_path, tokenizer_config)))
+    assert torch.equal(rows[model.codebook_size:], reference.token_emb.word_embeddings.weight[model.codebook_size:])
