@@ -57,10 +57,11 @@ def get_args_parser():
                             "for any number of processes")
     group.add_argument("--dropout", type=float, default=0.1, help="dropout in embeddings, attention and MLPs")
     group.add_argument("--code_emb_init", default="random", choices=("random", "codebook"),
-                       help="codebook: MAGE's code embeddings start as the tokenizer's codes through a fixed random "
-                            "projection (MaskedGenerativeEncoderViT.init_code_embeddings_from_codebook); random: N(0, 0.02), "
-                            "the reference. On the demo (30 epochs) codebook gave 54.7-61.7 %% class-conditional "
-                            "sample accuracy against 44.5-46.9 %% (docs/demo.md)")
+                       help="codebook: a fresh model's code embeddings start as the tokenizer's codes through a "
+                            "fixed random projection (models_mage: init_code_embeddings_from_codebook; --finetune "
+                            "and --resume weights replace them); random: N(0, 0.02), the reference. On the demo (30 "
+                            "epochs) codebook gave 54.7-61.7 %% class-conditional sample accuracy against "
+                            "44.5-46.9 %% (docs/demo.md)")
     group.add_argument("--finetune", default="",
                        help="start from this MAGE checkpoint (released or ours); a class embedding it lacks starts "
                             "from its initialisation N(0, 0.02). --resume / --auto_resume take precedence")
