@@ -63,7 +63,7 @@ PRESETS = {
         "tokenizer": {"flags": ["--epochs", 3, "--channels_last"]},
         "pretrain": {"model": "mage_vit_demo", "num_views": 2, "epochs": 30, "batch_size": 64, "lr": 2e-3,
                      "warmup_epochs": 2, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
-                     "label_drop_prob": 0.1},
+                     "label_drop_prob": 0.1, "code_emb_init": "codebook"},
         "generate": {"num_images": 512, "num_iter": 24, "temp": 6.0, "batch_size": 64, "num_inpaint": 8,
                      "num_per_class": 24, "cond_temp": 2.0, "cfg": 3.0, "cfg_sweep": [0.0, 1.0, 3.0],
                      "cfg_schedule": "constant"},
@@ -75,7 +75,7 @@ PRESETS = {
         "tokenizer": {"flags": ["--quick", "--print_freq", 2]},  # a loss point every 2 of its 8 steps
         "pretrain": {"model": "mage_vit_demo", "num_views": 1, "epochs": 3, "batch_size": 16, "lr": 1.5e-3,
                      "warmup_epochs": 1, "weight_decay": 0.05, "dropout": 0.0, "fused_attn": False,
-                     "label_drop_prob": 0.1},
+                     "label_drop_prob": 0.1, "code_emb_init": "codebook"},
         "generate": {"num_images": 16, "num_iter": 4, "temp": 4.5, "batch_size": 16, "num_inpaint": 4,
                      "num_per_class": 2, "cond_temp": 2.0, "cfg": 1.0, "cfg_sweep": [0.0], "cfg_schedule": "constant"},
         "probe": {"epochs": 3, "batch_size": 64, "blr": 1.0, "warmup_epochs": 1},
@@ -217,13 +217,18 @@ def describe_tokenizer(result):
 
 
 @torch.no_grad()
+def reconstruct(config, checkpoint, images, batch_size=256):
+    """(N, 3, R, R) images in [0, 1] through the tokenizer (encode, quantise, decode), on the CPU."""
+    vqgan, _ = build_vqgan(config, checkpoint)
+    return torch.cat([vqgan(batch)[0].float().clamp(0, 1) for batch in images.split(batch_size)])
+
+
 def reconstruction_picture(ctx, config, checkpoint):
     """Rows: val images (two per class) over their reconstructions through the trained tokenizer."""
-    vqgan, _ = build_vqgan(config, checkpoint)
     images, labels = ctx.split_images("val")
     chosen = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in labels.unique()])
     originals = images[chosen]
-    reconstructions = vqgan(originals)[0].float().clamp(0, 1)
+    reconstructions = reconstruct(config, checkpoint, originals)
     half = math.ceil(len(chosen) / 2)
     rows = [originals[:half], reconstructions[:half], originals[half:], reconstructions[half:]]
     plots.save_rows([r for r in rows if len(r)], ctx.path("pictures", "reconstructions.png"), ctx.scale)
@@ -247,7 +252,7 @@ def stage_pretrain(ctx, folder):
         "--batch_size", preset["batch_size"], "--epochs", preset["epochs"], "--lr", preset["lr"],
         "--warmup_epochs", preset["warmup_epochs"], "--weight_decay", preset["weight_decay"],
         "--dropout", preset["dropout"], "--class_cond", "--label_drop_prob", preset["label_drop_prob"],
-        "--fused_attn" if preset["fused_attn"] else "--no-fused_attn",
+        "--code_emb_init", preset["code_emb_init"], "--fused_attn" if preset["fused_attn"] else "--no-fused_attn",
         "--output_dir", folder, "--log_dir", os.path.join(folder, "tb"),
         "--save_every", 0, "--vis_every", 0, "--auto_resume", "--device", ctx.device,
         "--seed", ctx.args.seed, "--num_workers", 0, *contrastive_args(preset)])
@@ -395,6 +400,12 @@ def stage_classes(ctx, folder):
                               ctx.device)
     val_images, val_labels = ctx.split_images("val")
     val_acc = (judge.predict(model, val_images, ctx.device) == val_labels).float().mean().item()
+    # Every sample is decoded by the tokenizer, so the judge's accuracy on the tokenizer's reconstructions of
+    # real val images is the most that samples of a perfect MAGE could reach.
+    reconstructed = reconstruct(ctx.file("tokenizer", "tokenizer_config"), ctx.file("tokenizer", "tokenizer"),
+                                val_images)
+    reconstruction_predicted = judge.predict(model, reconstructed, ctx.device)
+    reconstruction_per_class = judge.per_class_accuracy(reconstruction_predicted, val_labels, len(classes))
     paths = sorted(glob.glob(os.path.join(ctx.file("generate", "image_dir"), "*.png")))
     samples = judge.load_images(paths)
     predicted = judge.predict(model, samples, ctx.device)
@@ -407,6 +418,8 @@ def stage_classes(ctx, folder):
     chosen = f"{ctx.results['generate']['cfg']:g}"
     conditional_pictures(ctx, conditional, chosen)
     return {"classifier_val_acc": 100 * val_acc, "num_samples": len(paths),
+            "reconstruction_acc_pct": 100 * (reconstruction_predicted == val_labels).float().mean().item(),
+            "reconstruction_per_class_pct": {name: 100 * acc for name, acc in zip(classes, reconstruction_per_class)},
             "histogram": dict(zip(classes, fractions)), "min_class_fraction": min(fractions),
             "collapsed": min(fractions) < MIN_CLASS_FRACTION, "cfg": float(chosen),
             "conditional_accuracy_pct": conditional[chosen]["accuracy_pct"],
@@ -451,7 +464,7 @@ def describe_classes(result):
     return (f"conditional {result['conditional_accuracy_pct']:.1f}% right (worst class "
             f"{min(result['conditional_per_class_pct'].values()):.1f}%) at w = {result['cfg']:g}; unconditional "
             f"rarest class {100 * result['min_class_fraction']:.1f}% ({verdict}); judge val "
-            f"{result['classifier_val_acc']:.1f}%")
+            f"{result['classifier_val_acc']:.1f}%, on their reconstructions {result['reconstruction_acc_pct']:.1f}%")
 
 
 def fid_weights(ctx):
@@ -508,7 +521,8 @@ STAGES = [
     Stage("pretrain", "pre-train MAGE on the tokens", stage_pretrain, describe_pretrain, ("data", "tokenizer")),
     Stage("probe", "linear-probe the encoder vs raw pixels", stage_probe, describe_probe, ("data", "pretrain")),
     Stage("generate", "generate images and inpaint", stage_generate, describe_generate, ("pretrain",)),
-    Stage("classes", "label the samples with a classifier", stage_classes, describe_classes, ("data", "generate")),
+    Stage("classes", "label the samples with a classifier", stage_classes, describe_classes,
+          ("data", "tokenizer", "generate")),
     Stage("fid", "FID / IS", stage_fid, describe_fid, ("data", "generate"), fid_settings),
 ]
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -582,7 +596,8 @@ def make_summary(ctx, total_time, load_start):
         "linprobe_acc": probe["mage_logreg_acc"], "raw_pixel_acc": probe["raw_pixel_logreg_acc"],
         "linprobe_lars_acc": probe["linprobe_lars_acc"],
         "sample_class_histogram": classes["histogram"], "samples_collapsed": classes["collapsed"],
-        "classifier_val_acc": classes["classifier_val_acc"], "cfg": classes["cfg"],
+        "classifier_val_acc": classes["classifier_val_acc"],
+        "classifier_reconstruction_acc": classes["reconstruction_acc_pct"], "cfg": classes["cfg"],
         "class_conditional_accuracy_pct": classes["conditional_accuracy_pct"],
         "class_conditional_per_class_pct": classes["conditional_per_class_pct"], "fid": ctx.results["fid"],
         "stages": {stage.name: {"result": ctx.results[stage.name], "time_s": ctx.times[stage.name],

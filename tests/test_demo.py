@@ -62,8 +62,13 @@ def test_every_stage_reports_its_numbers(runs):
     classes = json.loads((out / "data" / "dataset.json").read_text())["classes"]
     num_val = len(glob.glob(str(out / "data" / "val" / "*" / "*.png")))
     assert num_val == len(classes) * demo.PRESETS["quick"]["data"]["num_val"]
-    for key in ("linprobe_acc", "raw_pixel_acc", "linprobe_lars_acc", "classifier_val_acc"):
+    for key in ("linprobe_acc", "raw_pixel_acc", "linprobe_lars_acc", "classifier_val_acc",
+                "classifier_reconstruction_acc"):
         assert summary[key] * num_val / 100 == pytest.approx(round(summary[key] * num_val / 100), abs=1e-6), key
+    reconstruction_per_class = summary["stages"]["classes"]["result"]["reconstruction_per_class_pct"]
+    assert list(reconstruction_per_class) == classes
+    assert summary["classifier_reconstruction_acc"] == \
+        pytest.approx(sum(reconstruction_per_class.values()) / len(classes))
     probe_log = (out / "probe" / "linprobe" / "log.txt").read_text().splitlines()
     assert summary["linprobe_lars_acc"] == json.loads(probe_log[-1])["test_acc1"]
     # the histogram counts the generated samples per dataset class
